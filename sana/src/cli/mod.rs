@@ -1,0 +1,89 @@
+//! The `sana` command line: argument definitions and the commands, kept in the
+//! library so they are testable; `src/bin/sana.rs` only dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tch::{Device, Kind};
+
+pub mod bench;
+pub mod forward;
+pub mod sample;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sana",
+    version,
+    about = "SANA diffusion models on libtorch: sample, run and check transformers.",
+    long_about = "SANA diffusion models on libtorch.\n\n\
+        Models are diffusers directories (config.json + diffusion_pytorch_model.safetensors, \
+        or sharded with an index). Set RUST_LOG=debug for per-step logs."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Sample latents with a SANA transformer (default: a tiny random-weight model).
+    Sample(sample::SampleArgs),
+    /// Run one transformer forward on tensors from a safetensors file.
+    Forward(forward::ForwardArgs),
+    /// Write a randomly initialised transformer as a diffusers model directory.
+    InitModel(sample::InitModelArgs),
+    /// Time a transformer forward (and backward) with random weights.
+    BenchForward(bench::BenchArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// CUDA if available, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn resolve(self) -> anyhow::Result<Device> {
+        match self {
+            DeviceArg::Auto => Ok(Device::cuda_if_available()),
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Cuda => anyhow::bail!(
+                "--device cuda: libtorch reports no CUDA device (is this a GPU machine with the CUDA build of torch?)"
+            ),
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl DtypeArg {
+    pub fn kind(self) -> Kind {
+        match self {
+            DtypeArg::Fp32 => Kind::Float,
+            DtypeArg::Bf16 => Kind::BFloat16,
+            DtypeArg::Fp16 => Kind::Half,
+        }
+    }
+}
+
+/// Where relative default outputs go.
+pub fn default_out_dir() -> PathBuf {
+    PathBuf::from("out")
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Sample(a) => sample::run(a),
+        Command::Forward(a) => forward::run(a),
+        Command::InitModel(a) => sample::init_model(a),
+        Command::BenchForward(a) => bench::run(a),
+    }
+}

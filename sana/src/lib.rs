@@ -1,0 +1,16 @@
+//! `sana`: the model library of sana-rl.
+//!
+//! Layout mirrors diffusers so a reader can hold the two side by side:
+//! `models/` (one file per component, named as diffusers names it),
+//! `schedulers/` (one file per scheduler), `pipelines/` (sampling loops).
+
+pub mod cli;
+pub mod error;
+pub mod models;
+pub mod pipelines;
+pub mod schedulers;
+
+pub use error::{Result, SanaError};
+
+#[cfg(test)]
+pub(crate) mod testing;

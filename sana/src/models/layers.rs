@@ -1,0 +1,140 @@
+//! The `torch.nn` layers the models are built from, parameter names as PyTorch
+//! names them (`weight`, `bias`). Our own `Linear` (rather than `tch::nn::Linear`)
+//! so that adapters (LoRA) can later hook into every projection in one place.
+
+use tch::{nn, Tensor};
+
+/// `torch.nn.Linear`: `y = x W^T + b` through `at::linear`, the same kernel PyTorch uses.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vs: nn::Path, in_features: i64, out_features: i64, bias: bool) -> Self {
+        // PyTorch's default init (kaiming-uniform with a = sqrt(5)); only matters for
+        // randomly initialised models, checkpoints overwrite it.
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let weight = vs.var(
+            "weight",
+            &[out_features, in_features],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let bias = bias.then(|| {
+            vs.var(
+                "bias",
+                &[out_features],
+                nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )
+        });
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// `torch.nn.Conv2d` with square kernel, stride and padding.
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    stride: i64,
+    padding: i64,
+    groups: i64,
+}
+
+pub struct Conv2dConfig {
+    pub stride: i64,
+    pub padding: i64,
+    pub groups: i64,
+    pub bias: bool,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            groups: 1,
+            bias: true,
+        }
+    }
+}
+
+impl Conv2d {
+    pub fn new(vs: nn::Path, in_ch: i64, out_ch: i64, kernel: i64, cfg: Conv2dConfig) -> Self {
+        let fan_in = (in_ch / cfg.groups) * kernel * kernel;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let init = nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let weight = vs.var("weight", &[out_ch, in_ch / cfg.groups, kernel, kernel], init);
+        let bias = cfg.bias.then(|| vs.var("bias", &[out_ch], init));
+        Self {
+            weight,
+            bias,
+            stride: cfg.stride,
+            padding: cfg.padding,
+            groups: cfg.groups,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            self.groups,
+        )
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension, optionally with affine parameters.
+#[derive(Debug)]
+pub struct LayerNorm {
+    dim: i64,
+    eps: f64,
+    pub weight: Option<Tensor>,
+    pub bias: Option<Tensor>,
+}
+
+impl LayerNorm {
+    pub fn new(vs: nn::Path, dim: i64, eps: f64, elementwise_affine: bool) -> Self {
+        let (weight, bias) = if elementwise_affine {
+            (
+                Some(vs.var("weight", &[dim], nn::Init::Const(1.0))),
+                Some(vs.var("bias", &[dim], nn::Init::Const(0.0))),
+            )
+        } else {
+            (None, None)
+        };
+        Self {
+            dim,
+            eps,
+            weight,
+            bias,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.layer_norm(
+            [self.dim],
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.eps,
+            true,
+        )
+    }
+}

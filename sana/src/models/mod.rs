@@ -1,0 +1,10 @@
+//! Models, one file per diffusers component (`diffusers/models/*`).
+
+pub mod attention_processor;
+pub mod embeddings;
+pub mod layers;
+pub mod modeling_utils;
+pub mod normalization;
+pub mod transformers;
+
+pub use transformers::sana_transformer::{SanaTransformer2DModel, SanaTransformerConfig};

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what is missing, writes
+# the diffusers parity references, checks formatting and lints, runs every test.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+log "cargo fmt --check"
+cargo fmt --all --check
+
+log "parity references from diffusers (scripts/parity/make_reference.py)"
+python scripts/parity/make_reference.py target/parity >/dev/null
+
+log "cargo clippy -D warnings"
+cargo clippy -q --workspace --all-targets -- -D warnings
+
+log "tests"
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# A missing reference fails the tests here instead of skipping.
+export SANA_PARITY_REQUIRED=1
+cargo nextest run --workspace --no-fail-fast "$@"

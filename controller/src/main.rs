@@ -9,5 +9,8 @@ struct Args {}
 
 fn main() -> anyhow::Result<()> {
     let _ = Args::parse();
-    anyhow::bail!("controller is not implemented yet (issue {})", controller::TRACKING_ISSUE)
+    anyhow::bail!(
+        "controller is not implemented yet (issue {})",
+        controller::TRACKING_ISSUE
+    )
 }

@@ -9,5 +9,8 @@ struct Args {}
 
 fn main() -> anyhow::Result<()> {
     let _ = Args::parse();
-    anyhow::bail!("policy-worker is not implemented yet (issue {})", policy_worker::TRACKING_ISSUE)
+    anyhow::bail!(
+        "policy-worker is not implemented yet (issue {})",
+        policy_worker::TRACKING_ISSUE
+    )
 }

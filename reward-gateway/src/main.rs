@@ -9,5 +9,8 @@ struct Args {}
 
 fn main() -> anyhow::Result<()> {
     let _ = Args::parse();
-    anyhow::bail!("reward-gateway is not implemented yet (issue {})", reward_gateway::TRACKING_ISSUE)
+    anyhow::bail!(
+        "reward-gateway is not implemented yet (issue {})",
+        reward_gateway::TRACKING_ISSUE
+    )
 }

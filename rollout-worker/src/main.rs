@@ -9,5 +9,8 @@ struct Args {}
 
 fn main() -> anyhow::Result<()> {
     let _ = Args::parse();
-    anyhow::bail!("rollout-worker is not implemented yet (issue {})", rollout_worker::TRACKING_ISSUE)
+    anyhow::bail!(
+        "rollout-worker is not implemented yet (issue {})",
+        rollout_worker::TRACKING_ISSUE
+    )
 }

@@ -5,36 +5,16 @@
 //! environment). Env: BENCH_THREADS (default: all cores), BENCH_ITERS (5),
 //! BENCH_WARMUP (2), BENCH_PYTHON (default: `python` of $VIRTUAL_ENV, else python3).
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
+mod common;
 
+use common::{env_usize, run_python_json, threads, time_per_iter};
 use sana::models::transformers::sana_transformer::TransformerInputs;
 use sana::models::{SanaTransformer2DModel, SanaTransformerConfig};
 use tch::{Device, Kind, Tensor};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn time_per_iter(warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..warmup {
-        f();
-    }
-    let t0 = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    t0.elapsed().as_secs_f64() / iters as f64
-}
-
 fn main() -> anyhow::Result<()> {
-    let threads = env_usize(
-        "BENCH_THREADS",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-    );
+    let threads = threads();
     let (warmup, iters) = (env_usize("BENCH_WARMUP", 2), env_usize("BENCH_ITERS", 5));
-    tch::set_num_threads(threads as i32);
     tch::manual_seed(0);
 
     // Mid-size: 4 blocks, width 512, 32×32 latents, batch 4, 300 caption tokens.
@@ -82,7 +62,7 @@ fn main() -> anyhow::Result<()> {
     };
 
     let ours_fwd = time_per_iter(warmup, iters, || {
-        tch::no_grad(|| model.forward(&inputs).unwrap());
+        let _ = tch::no_grad(|| model.forward(&inputs).unwrap());
     });
     let vars: Vec<Tensor> = model.vs.trainable_variables();
     let ours_bwd = time_per_iter(warmup, iters, || {
@@ -96,28 +76,15 @@ fn main() -> anyhow::Result<()> {
         out.square().mean(None).backward();
     });
 
-    let python = std::env::var("BENCH_PYTHON").map(PathBuf::from).unwrap_or_else(|_| {
-        std::env::var_os("VIRTUAL_ENV")
-            .map(|v| PathBuf::from(v).join("bin/python"))
-            .unwrap_or_else(|| "python3".into())
-    });
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/transformer_diffusers.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(&model_dir)
-        .arg(&inputs_path)
-        .args([threads.to_string(), warmup.to_string(), iters.to_string()])
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} {} failed: {}",
-            python.display(),
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let peer: serde_json::Value = serde_json::from_slice(
-        out.stdout.split(|&c| c == b'\n').rev().find(|l| !l.is_empty()).unwrap_or_default(),
+    let peer = run_python_json(
+        "scripts/bench/transformer_diffusers.py",
+        &[
+            model_dir.display().to_string(),
+            inputs_path.display().to_string(),
+            threads.to_string(),
+            warmup.to_string(),
+            iters.to_string(),
+        ],
     )?;
     let theirs_fwd = peer["forward"].as_f64().unwrap_or(f64::NAN);
     let theirs_bwd = peer["forward_backward"].as_f64().unwrap_or(f64::NAN);
@@ -125,12 +92,18 @@ fn main() -> anyhow::Result<()> {
     println!(
         "SANA transformer, 4 blocks, width 512, 32x32 latents, batch 4, 300 caption tokens, fp32, CPU, {threads} threads, {iters} iters"
     );
-    println!("{:<18} {:>12} {:>12} {:>22}", "", "sana-rl (s)", "diffusers (s)", "speed-up (diffusers/ours)");
+    println!(
+        "{:<18} {:>12} {:>12} {:>22}",
+        "", "sana-rl (s)", "diffusers (s)", "speed-up (diffusers/ours)"
+    );
     for (name, ours, theirs) in [
         ("forward", ours_fwd, theirs_fwd),
         ("forward+backward", ours_bwd, theirs_bwd),
     ] {
-        println!("{name:<18} {ours:>12.4} {theirs:>12.4} {:>22.3}", theirs / ours);
+        println!(
+            "{name:<18} {ours:>12.4} {theirs:>12.4} {:>22.3}",
+            theirs / ours
+        );
     }
     Ok(())
 }

@@ -41,7 +41,11 @@ impl SanaError {
             source,
         }
     }
-    pub fn config(path: impl Into<PathBuf>, key: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn config(
+        path: impl Into<PathBuf>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
         SanaError::Config {
             path: path.into(),
             key: key.into(),

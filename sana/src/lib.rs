@@ -5,6 +5,7 @@
 //! `schedulers/` (one file per scheduler), `pipelines/` (sampling loops).
 
 pub mod cli;
+pub mod config_json;
 pub mod error;
 pub mod models;
 pub mod pipelines;

@@ -38,8 +38,6 @@ pub fn load_named(path: &std::path::Path) -> std::collections::HashMap<String, T
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
+    let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu).to_kind(Kind::Double);
+    (cpu(a) - cpu(b)).abs().max().double_value(&[])
 }

@@ -130,6 +130,9 @@ def main() -> None:
         write_transformer_case(out, name, case, seed=1000 + i)
         print(f"transformer_{name}: ok")
     schedulers.write_scheduler_cases(out)
+    __import__("dc_ae").write_dc_ae_cases(out)  # scripts/parity/dc_ae.py (DC-AE encode/decode)
+    __import__("text_encoder").write_text_encoder_cases(out)
+    __import__("pipeline").write_pipeline_cases(out)  # scripts/parity/pipeline.py (full SanaPipeline)
     print(f"parity references written to {out}")
 
 

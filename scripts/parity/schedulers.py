@@ -273,7 +273,13 @@ def write_sde_case(out_dir: pathlib.Path, name: str, seed: int) -> None:
     for i in range(len(scheduler.timesteps)):
         model_output = torch.randn(SHAPE, generator=gen)
         noise = torch.randn(SHAPE, generator=gen)
-        given = torch.randn(SHAPE, generator=gen) if opts.get("given_prev") else None
+        given = None
+        if opts.get("given_prev"):
+            # A rollout's sample from an "old policy" (slightly different velocity), scored under the current one.
+            old_output = model_output + 0.1 * torch.randn(SHAPE, generator=gen)
+            given = cosmos_sde_step_with_logprob(
+                sigmas, [i] * SHAPE[0], old_output, sample, noise_level=opts["noise_level"], variance_noise=noise
+            )[0]
         prev, log_prob, mean, std = cosmos_sde_step_with_logprob(
             sigmas,
             [i] * SHAPE[0],
@@ -295,8 +301,7 @@ def write_sde_case(out_dir: pathlib.Path, name: str, seed: int) -> None:
         tensors[f"log_prob_{i}"] = log_prob
         tensors[f"prev_sample_mean_{i}"] = mean
         tensors[f"std_dev_t_{i}"] = std.flatten()
-        # The chain follows the rollout's own samples unless prev_sample was given.
-        sample = prev if given is None else mean
+        sample = prev
     case = dict(kind="sde", num_inference_steps=steps, sde_type=opts["sde_type"], noise_level=opts["noise_level"],
                 deterministic=opts.get("deterministic", False), given_prev=opts.get("given_prev", False))
     _save_case(out_dir, name, scheduler, case, tensors)

@@ -14,7 +14,8 @@ use crate::models::transformers::sana_transformer::TransformerInputs;
 use crate::models::{SanaTransformer2DModel, SanaTransformerConfig};
 
 /// SANA 1.0 1.6B at 1024 px, as published in diffusers format.
-pub const SANA_1600M_CONFIG_JSON: &str = include_str!("../../../configs/models/sana-1600m-1024px-transformer.json");
+pub const SANA_1600M_CONFIG_JSON: &str =
+    include_str!("../../../configs/models/sana-1600m-1024px-transformer.json");
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -50,19 +51,37 @@ fn sync(device: Device) {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = args.device.resolve()?;
     let (path, text) = match &args.config {
-        Some(p) => (p.clone(), std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
-        None => (PathBuf::from("<SANA 1.6B 1024px>"), SANA_1600M_CONFIG_JSON.to_string()),
+        Some(p) => (
+            p.clone(),
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => (
+            PathBuf::from("<SANA 1.6B 1024px>"),
+            SANA_1600M_CONFIG_JSON.to_string(),
+        ),
     };
     let config: SanaTransformerConfig = parse_json(&path, &text)?;
     let t0 = Instant::now();
     let mut model = SanaTransformer2DModel::new(config.clone(), device)?;
     model.set_kind(args.dtype.kind());
-    let n_params: i64 = model.vs.variables().values().map(|t| t.numel() as i64).sum();
-    tracing::info!(params = n_params, seconds = format!("{:.1}", t0.elapsed().as_secs_f64()), "built random-weight model");
+    let n_params: i64 = model
+        .vs
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    tracing::info!(
+        params = n_params,
+        seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+        "built random-weight model"
+    );
 
     let f = (Kind::Float, device);
     let b = args.batch;
-    let hidden = Tensor::randn([b, config.in_channels, args.latent_size, args.latent_size], f);
+    let hidden = Tensor::randn(
+        [b, config.in_channels, args.latent_size, args.latent_size],
+        f,
+    );
     let enc = Tensor::randn([b, args.caption_len, config.caption_channels], f);
     let mask = Tensor::ones([b, args.caption_len], (Kind::Int64, device));
     let timestep = Tensor::full([b], 500.0, f);
@@ -86,7 +105,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Ok(t.elapsed().as_secs_f64() / args.iters as f64)
     };
     let fwd = time(&mut || {
-        tch::no_grad(|| model.forward(&inputs))?;
+        let _ = tch::no_grad(|| model.forward(&inputs))?;
         Ok(())
     })?;
     tracing::info!(

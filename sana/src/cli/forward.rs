@@ -49,7 +49,10 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     };
     let sample = tch::no_grad(|| model.forward(&inputs))
         .with_context(|| format!("running the model on {}", args.inputs.display()))?;
-    let sample = sample.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+    let sample = sample
+        .to_kind(Kind::Float)
+        .to_device(tch::Device::Cpu)
+        .contiguous();
     Tensor::write_safetensors(&[("sample", &sample)], &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(out = %args.out.display(), shape = ?sample.size(), "wrote sample");

@@ -8,6 +8,7 @@ use tch::{Device, Kind};
 
 pub mod bench;
 pub mod forward;
+pub mod generate;
 pub mod sample;
 
 #[derive(Parser, Debug)]
@@ -26,6 +27,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Text to image with a SANA diffusers pipeline directory.
+    Generate(generate::GenerateArgs),
     /// Sample latents with a SANA transformer (default: a tiny random-weight model).
     Sample(sample::SampleArgs),
     /// Run one transformer forward on tensors from a safetensors file.
@@ -81,6 +84,7 @@ pub fn default_out_dir() -> PathBuf {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Generate(a) => generate::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Forward(a) => forward::run(a),
         Command::InitModel(a) => sample::init_model(a),

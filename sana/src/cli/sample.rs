@@ -17,7 +17,10 @@ use crate::models::modeling_utils::parse_json;
 use crate::models::{SanaTransformer2DModel, SanaTransformerConfig};
 use crate::pipelines::denoise::{denoise, Conditioning, DenoiseRequest};
 use crate::pipelines::preview::write_latent_preview;
-use crate::schedulers::{self, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, Scheduler};
+use crate::schedulers::{
+    DPMSolverMultistepConfig, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+    Scheduler,
+};
 
 /// The embedded default model: a tiny SANA-1.5-shaped transformer.
 pub const TINY_CONFIG_JSON: &str = include_str!("../../../configs/demo/tiny-sana-transformer.json");
@@ -81,8 +84,14 @@ pub struct InitModelArgs {
 
 fn config_from(path: Option<&PathBuf>) -> anyhow::Result<SanaTransformerConfig> {
     let (p, text) = match path {
-        Some(p) => (p.clone(), std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
-        None => (PathBuf::from("<embedded tiny config>"), TINY_CONFIG_JSON.to_string()),
+        Some(p) => (
+            p.clone(),
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => (
+            PathBuf::from("<embedded tiny config>"),
+            TINY_CONFIG_JSON.to_string(),
+        ),
     };
     Ok(parse_json(&p, &text)?)
 }
@@ -101,7 +110,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let kind = args
         .dtype
         .map(DtypeArg::kind)
-        .unwrap_or(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float });
+        .unwrap_or(if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        });
     tch::manual_seed(args.seed);
     let model = match &args.model {
         Some(dir) => SanaTransformer2DModel::from_pretrained(dir, device, kind)
@@ -114,19 +127,25 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         }
     };
     let dpm = match &args.scheduler_config {
-        Some(p) => schedulers::DPMSolverMultistepScheduler::from_config_file(p)?,
+        Some(p) => {
+            DPMSolverMultistepScheduler::from_config(DPMSolverMultistepConfig::from_json_file(p)?)?
+        }
         None => DPMSolverMultistepScheduler::sana_default(),
     };
     let mut scheduler: Box<dyn Scheduler> = match args.sampler {
         SamplerArg::Dpm => Box::new(dpm),
-        SamplerArg::Euler => Box::new(FlowMatchEulerDiscreteScheduler::new(dpm.config.flow_shift)),
+        SamplerArg::Euler => Box::new(FlowMatchEulerDiscreteScheduler::new(
+            dpm.config().flow_shift,
+        )),
     };
 
     let cfg = &model.config;
     let b = args.num_samples;
     let fopts = (Kind::Float, device);
-    let latents = Tensor::randn([b, cfg.in_channels, args.latent_height, args.latent_width], fopts)
-        * scheduler.init_noise_sigma();
+    let latents = Tensor::randn(
+        [b, cfg.in_channels, args.latent_height, args.latent_width],
+        fopts,
+    ) * scheduler.init_noise_sigma();
     // Stand-ins for Gemma-2 caption states until the text encoder lands.
     let embeds = Tensor::randn([b, args.caption_len, cfg.caption_channels], fopts);
     let mask = Tensor::ones([b, args.caption_len], (Kind::Int64, device));
@@ -143,8 +162,14 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         scheduler.as_mut(),
         DenoiseRequest {
             latents,
-            prompt: Conditioning { embeds: &embeds, mask: &mask },
-            negative: Some(Conditioning { embeds: &neg_embeds, mask: &mask }),
+            prompt: Conditioning {
+                embeds: &embeds,
+                mask: &mask,
+            },
+            negative: Some(Conditioning {
+                embeds: &neg_embeds,
+                mask: &mask,
+            }),
             guidance_scale: args.guidance_scale,
             num_inference_steps: args.steps,
         },
@@ -153,7 +178,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     bar.finish();
     let secs = start.elapsed().as_secs_f64();
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let latents_path = args.out.join("latents.safetensors");
     let out = out.to_device(Device::Cpu).contiguous();
     Tensor::write_safetensors(&[("latents", &out)], &latents_path)

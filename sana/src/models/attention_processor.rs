@@ -68,8 +68,20 @@ impl Attention {
         let (norm_q, norm_k) = match cfg.qk_norm {
             None => (None, None),
             Some(QkNorm::RmsNormAcrossHeads) => (
-                Some(RMSNorm::new(&vs / "norm_q", inner_dim, cfg.eps, true, false)),
-                Some(RMSNorm::new(&vs / "norm_k", inner_kv_dim, cfg.eps, true, false)),
+                Some(RMSNorm::new(
+                    &vs / "norm_q",
+                    inner_dim,
+                    cfg.eps,
+                    true,
+                    false,
+                )),
+                Some(RMSNorm::new(
+                    &vs / "norm_k",
+                    inner_kv_dim,
+                    cfg.eps,
+                    true,
+                    false,
+                )),
             ),
         };
         Self {
@@ -84,7 +96,11 @@ impl Attention {
         }
     }
 
-    fn qkv(&self, hidden_states: &Tensor, encoder_hidden_states: &Tensor) -> (Tensor, Tensor, Tensor) {
+    fn qkv(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
         let mut q = self.to_q.forward(hidden_states);
         let mut k = self.to_k.forward(encoder_hidden_states);
         let v = self.to_v.forward(encoder_hidden_states);
@@ -117,11 +133,21 @@ impl Attention {
 
     /// `SanaLinearAttnProcessor2_0`: ReLU kernels, computed in fp32, with the
     /// normaliser carried as an extra row of ones appended to V.
-    fn linear_attention(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>) -> Tensor {
+    fn linear_attention(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Tensor {
         let original_kind = hidden_states.kind();
-        let (q, k, v) = self.qkv(hidden_states, encoder_hidden_states.unwrap_or(hidden_states));
+        let (q, k, v) = self.qkv(
+            hidden_states,
+            encoder_hidden_states.unwrap_or(hidden_states),
+        );
         let q = q.transpose(1, 2).unflatten(1, [self.heads, -1]); // [B, h, d, N]
-        let k = k.transpose(1, 2).unflatten(1, [self.heads, -1]).transpose(2, 3); // [B, h, N, d]
+        let k = k
+            .transpose(1, 2)
+            .unflatten(1, [self.heads, -1])
+            .transpose(2, 3); // [B, h, N, d]
         let v = v.transpose(1, 2).unflatten(1, [self.heads, -1]); // [B, h, d, N]
         let q = q.relu().to_kind(Kind::Float);
         let k = k.relu().to_kind(Kind::Float);

@@ -98,7 +98,11 @@ impl PixArtAlphaCombinedTimestepSizeEmbeddings {
     pub fn new(vs: nn::Path, embedding_dim: i64) -> Self {
         Self {
             time_proj: SANA_TIME_PROJ,
-            timestep_embedder: TimestepEmbedding::new(&vs / "timestep_embedder", 256, embedding_dim),
+            timestep_embedder: TimestepEmbedding::new(
+                &vs / "timestep_embedder",
+                256,
+                embedding_dim,
+            ),
         }
     }
 
@@ -131,7 +135,8 @@ impl PixArtAlphaTextProjection {
 
 /// diffusers' `get_1d_sincos_pos_embed_from_grid` (fp64 on CPU, as diffusers).
 fn sincos_1d(embed_dim: i64, pos: &Tensor) -> Tensor {
-    let omega = Tensor::arange(embed_dim / 2, (Kind::Double, pos.device())) / (embed_dim as f64 / 2.0);
+    let omega =
+        Tensor::arange(embed_dim / 2, (Kind::Double, pos.device())) / (embed_dim as f64 / 2.0);
     let omega = Tensor::pow_scalar(10000f64, &omega).reciprocal();
     let out = pos.reshape([-1]).to_kind(Kind::Double).outer(&omega);
     Tensor::cat(&[out.sin(), out.cos()], 1)

@@ -78,7 +78,11 @@ impl Conv2d {
             lo: -bound,
             up: bound,
         };
-        let weight = vs.var("weight", &[out_ch, in_ch / cfg.groups, kernel, kernel], init);
+        let weight = vs.var(
+            "weight",
+            &[out_ch, in_ch / cfg.groups, kernel, kernel],
+            init,
+        );
         let bias = cfg.bias.then(|| vs.var("bias", &[out_ch], init));
         Self {
             weight,
@@ -133,6 +137,65 @@ impl LayerNorm {
             [self.dim],
             self.weight.as_ref(),
             self.bias.as_ref(),
+            self.eps,
+            true,
+        )
+    }
+}
+
+/// `torch.nn.BatchNorm2d` in eval mode: normalises with the running statistics,
+/// which load and save by PyTorch's buffer names (`running_mean`, `running_var`,
+/// `num_batches_tracked`). The buffers are registered as non-trainable variables
+/// so that an optimiser over the store's trainable variables never touches them.
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    pub weight: Option<Tensor>,
+    pub bias: Option<Tensor>,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    /// Unused in eval mode; kept so checkpoints round-trip with PyTorch's keys.
+    pub num_batches_tracked: Tensor,
+    eps: f64,
+}
+
+impl BatchNorm2d {
+    pub fn new(vs: nn::Path, num_features: i64, eps: f64, affine: bool) -> Self {
+        let (weight, bias) = if affine {
+            (
+                Some(vs.var("weight", &[num_features], nn::Init::Const(1.0))),
+                Some(vs.var("bias", &[num_features], nn::Init::Const(0.0))),
+            )
+        } else {
+            (None, None)
+        };
+        let running_mean = vs.zeros_no_train("running_mean", &[num_features]);
+        let running_var = vs.ones_no_train("running_var", &[num_features]);
+        // PyTorch keeps this counter as an int64 scalar.
+        let num_batches_tracked = vs.add(
+            "num_batches_tracked",
+            Tensor::zeros([], (tch::Kind::Int64, vs.device())),
+            false,
+        );
+        Self {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            eps,
+        }
+    }
+
+    /// `[B, C, H, W]` → `[B, C, H, W]` with the running statistics (eval mode).
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        // `cudnn_enabled = true` is what `F.batch_norm` passes by default.
+        xs.batch_norm(
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            false,
+            0.1,
             self.eps,
             true,
         )

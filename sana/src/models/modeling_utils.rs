@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{de::DeserializeOwned, Serialize};
 use tch::{nn, Tensor};
 
+pub use crate::config_json::parse_json;
 use crate::{Result, SanaError};
 
 /// The diffusers version whose file layout and numerics we match.
@@ -14,61 +15,31 @@ pub const DIFFUSERS_VERSION: &str = "0.42.1";
 pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
 pub const WEIGHTS_INDEX_NAME: &str = "diffusion_pytorch_model.safetensors.index.json";
 
+/// How a checkpoint directory names its safetensors: diffusers writes
+/// `diffusion_pytorch_model.safetensors`, transformers writes `model.safetensors`
+/// (each with a `.index.json` when sharded).
+#[derive(Debug, Clone, Copy)]
+pub struct WeightsLayout {
+    pub single: &'static str,
+    pub index: &'static str,
+}
+
+pub const DIFFUSERS_WEIGHTS: WeightsLayout = WeightsLayout {
+    single: WEIGHTS_NAME,
+    index: WEIGHTS_INDEX_NAME,
+};
+
+pub const TRANSFORMERS_WEIGHTS: WeightsLayout = WeightsLayout {
+    single: "model.safetensors",
+    index: "model.safetensors.index.json",
+};
+
 /// A model's `config.json` schema.
 pub trait ModelConfig: Serialize + DeserializeOwned {
     const CLASS_NAME: &'static str;
     const KNOWN_KEYS: &'static [&'static str];
     /// `Err((key, message))` for a value the model cannot be built with.
     fn validate(&self) -> std::result::Result<(), (String, String)>;
-}
-
-/// Parses JSON text into `T`, naming the key of a type error.
-/// Non-standard `NaN`/`Infinity` tokens (Python's `json.dump` writes them) are accepted.
-pub fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
-    let text = python_json_compat(text);
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let key = if key == "." { String::new() } else { key };
-        SanaError::config(path, key, e.inner().to_string())
-    })
-}
-
-/// Python's json module writes `-Infinity`, `Infinity` and `NaN`; serde_json does
-/// not read them. Replace them (outside strings) with large finite numbers/null.
-fn python_json_compat(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_str = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_str {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_str = false;
-            }
-            rest = &rest[c.len_utf8()..];
-            continue;
-        }
-        let replaced = [("-Infinity", "-1e308"), ("Infinity", "1e308"), ("NaN", "null")]
-            .iter()
-            .find(|(tok, _)| rest.starts_with(tok));
-        if let Some((tok, rep)) = replaced {
-            out.push_str(rep);
-            rest = &rest[tok.len()..];
-            continue;
-        }
-        if c == '"' {
-            in_str = true;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
 }
 
 fn read_to_string(path: &Path) -> Result<String> {
@@ -107,12 +78,12 @@ pub fn read_config<C: ModelConfig>(dir: &Path) -> Result<C> {
 
 /// The safetensors files of a model directory, with which file holds each key
 /// when sharded.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join(WEIGHTS_NAME);
+fn weight_files(dir: &Path, layout: WeightsLayout) -> Result<Vec<PathBuf>> {
+    let single = dir.join(layout.single);
     if single.exists() {
         return Ok(vec![single]);
     }
-    let index = dir.join(WEIGHTS_INDEX_NAME);
+    let index = dir.join(layout.index);
     if index.exists() {
         let text = read_to_string(&index)?;
         #[derive(serde::Deserialize)]
@@ -125,7 +96,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     Err(SanaError::Weights {
         path: dir.to_path_buf(),
-        msg: format!("no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in this directory"),
+        msg: format!("no {} or {} in this directory", layout.single, layout.index),
     })
 }
 
@@ -137,18 +108,40 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     })
 }
 
-/// Copies the checkpoint in `dir` into `vs` by name. Every variable must be
-/// present with its exact shape, and every tensor in the files must be used.
+/// Copies the diffusers checkpoint in `dir` into `vs` by name. Every variable
+/// must be present with its exact shape, and every tensor in the files must be used.
 pub fn load_weights(vs: &mut nn::VarStore, dir: &Path) -> Result<()> {
+    load_weights_with_layout(vs, dir, DIFFUSERS_WEIGHTS)
+}
+
+/// [`load_weights`] for another file naming (e.g. [`TRANSFORMERS_WEIGHTS`]).
+pub fn load_weights_with_layout(
+    vs: &mut nn::VarStore,
+    dir: &Path,
+    layout: WeightsLayout,
+) -> Result<()> {
+    load_weights_renamed(vs, dir, layout, |key| Some(key.to_string()))
+}
+
+/// [`load_weights_with_layout`] where `rename` maps each checkpoint key to the
+/// variable name it fills, or `None` to skip a tensor the model does not use
+/// (e.g. `model.`-prefixed keys and `lm_head` of a transformers `*ForCausalLM`).
+pub fn load_weights_renamed(
+    vs: &mut nn::VarStore,
+    dir: &Path,
+    layout: WeightsLayout,
+    rename: impl Fn(&str) -> Option<String>,
+) -> Result<()> {
     let mut vars: HashMap<String, Tensor> = vs.variables();
     let mut seen = BTreeSet::new();
-    for file in weight_files(dir)? {
-        for (name, tensor) in read_safetensors(&file)? {
+    for file in weight_files(dir, layout)? {
+        for (key, tensor) in read_safetensors(&file)? {
+            let Some(name) = rename(&key) else { continue };
             let Some(var) = vars.get_mut(&name) else {
                 return Err(SanaError::Weights {
                     path: file,
                     msg: format!(
-                        "unexpected key `{name}` (shape {:?}): the model built from config.json has no such parameter",
+                        "unexpected key `{key}` (shape {:?}): the model built from config.json has no such parameter",
                         tensor.size()
                     ),
                 });
@@ -157,7 +150,7 @@ pub fn load_weights(vs: &mut nn::VarStore, dir: &Path) -> Result<()> {
                 return Err(SanaError::Weights {
                     path: file,
                     msg: format!(
-                        "key `{name}` has shape {:?}, but config.json builds {:?}",
+                        "key `{key}` has shape {:?}, but config.json builds {:?}",
                         tensor.size(),
                         var.size()
                     ),
@@ -207,30 +200,4 @@ pub fn save_pretrained<C: ModelConfig>(vs: &nn::VarStore, config: &C, dir: &Path
         path: path.clone(),
         msg: format!("cannot write safetensors: {e}"),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn python_infinity_is_accepted() {
-        let v: serde_json::Value =
-            parse_json(Path::new("x.json"), r#"{"a": -Infinity, "b": "NaN -Infinity", "c": NaN}"#).unwrap();
-        assert!(v["a"].as_f64().unwrap() < -1e300);
-        assert_eq!(v["b"], "NaN -Infinity");
-        assert!(v["c"].is_null());
-    }
-
-    #[test]
-    fn type_error_names_key() {
-        #[derive(serde::Deserialize, Debug)]
-        #[allow(dead_code)]
-        struct C {
-            num_layers: i64,
-        }
-        let err = parse_json::<C>(Path::new("m/config.json"), r#"{"num_layers": "two"}"#).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("m/config.json") && msg.contains("num_layers"), "{msg}");
-    }
 }

@@ -17,8 +17,8 @@ pub struct RMSNorm {
 impl RMSNorm {
     pub fn new(vs: nn::Path, dim: i64, eps: f64, elementwise_affine: bool, bias: bool) -> Self {
         let weight = elementwise_affine.then(|| vs.var("weight", &[dim], nn::Init::Const(1.0)));
-        let bias = (elementwise_affine && bias)
-            .then(|| vs.var("bias", &[dim], nn::Init::Const(0.0)));
+        let bias =
+            (elementwise_affine && bias).then(|| vs.var("bias", &[dim], nn::Init::Const(0.0)));
         Self { eps, weight, bias }
     }
 

@@ -40,10 +40,16 @@ pub fn denoise(
         (None, true) => {
             return Err(SanaError::input(
                 "negative",
-                format!("guidance_scale {} > 1 needs negative caption embeddings", req.guidance_scale),
+                format!(
+                    "guidance_scale {} > 1 needs negative caption embeddings",
+                    req.guidance_scale
+                ),
             ))
         }
-        (_, false) => (req.prompt.embeds.shallow_clone(), req.prompt.mask.shallow_clone()),
+        (_, false) => (
+            req.prompt.embeds.shallow_clone(),
+            req.prompt.mask.shallow_clone(),
+        ),
     };
     scheduler.set_timesteps(req.num_inference_steps)?;
     let timesteps = scheduler.timesteps().to_vec();
@@ -61,7 +67,9 @@ pub fn denoise(
         };
         let b = input.size()[0];
         // diffusers: t.expand(B) * timestep_scale, in the scheduler's timestep dtype (fp32).
-        let timestep = Tensor::from_slice(&[t as f32]).to_device(device).expand([b], false)
+        let timestep = Tensor::from_slice(&[t as f32])
+            .to_device(device)
+            .expand([b], false)
             * cfg.timestep_scale;
         let pred = tch::no_grad(|| {
             model.forward(&TransformerInputs {

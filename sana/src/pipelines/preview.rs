@@ -11,10 +11,15 @@ use crate::{Result, SanaError};
 pub fn write_latent_preview(latent: &Tensor, path: &Path, scale: usize) -> Result<()> {
     let size = latent.size();
     if size.len() != 3 {
-        return Err(SanaError::input("latent", format!("expected [C, H, W], got {size:?}")));
+        return Err(SanaError::input(
+            "latent",
+            format!("expected [C, H, W], got {size:?}"),
+        ));
     }
     let (c, h, w) = (size[0], size[1] as usize, size[2] as usize);
-    let chans: Vec<Tensor> = (0..3).map(|i| latent.get(i.min(c - 1)).to_kind(Kind::Float)).collect();
+    let chans: Vec<Tensor> = (0..3)
+        .map(|i| latent.get(i.min(c - 1)).to_kind(Kind::Float))
+        .collect();
     let norm: Vec<Vec<f32>> = chans
         .iter()
         .map(|t| {
@@ -29,7 +34,8 @@ pub fn write_latent_preview(latent: &Tensor, path: &Path, scale: usize) -> Resul
         for x in 0..pw {
             let src = (y / scale) * w + x / scale;
             for ch in 0..3 {
-                pixels[(y * pw + x) * 3 + ch] = (norm[ch][src] * 255.0).round().clamp(0.0, 255.0) as u8;
+                pixels[(y * pw + x) * 3 + ch] =
+                    (norm[ch][src] * 255.0).round().clamp(0.0, 255.0) as u8;
             }
         }
     }
@@ -38,6 +44,9 @@ pub fn write_latent_preview(latent: &Tensor, path: &Path, scale: usize) -> Resul
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let io = |e: png::EncodingError| SanaError::io(path, std::io::Error::other(e));
-    enc.write_header().map_err(io)?.write_image_data(&pixels).map_err(io)?;
+    enc.write_header()
+        .map_err(io)?
+        .write_image_data(&pixels)
+        .map_err(io)?;
     Ok(())
 }

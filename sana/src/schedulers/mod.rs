@@ -12,15 +12,14 @@ pub mod scheduling_flow_match_euler_discrete;
 pub use flow_sde::{cps_step_with_logprob, sde_step_with_logprob, SdeStep};
 pub use scheduling_dpmsolver_multistep::{
     AlgorithmType, BetaSchedule, DPMSolverMultistepConfig, DPMSolverMultistepScheduler,
-    FinalSigmasType, PredictionType, SolverType, TimestepSpacing,
+    FinalSigmasType, PredictionType, SolverType, TimestepSpacing, VarianceType,
 };
 pub use scheduling_flow_match_euler_discrete::{
     FlowMatchEulerDiscreteConfig, FlowMatchEulerDiscreteScheduler, TimeShiftType,
 };
 
+pub(crate) use crate::config_json::{config_from_map, de_f64, de_opt_f64, read_json_object};
 use crate::error::{Result, SanaError};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// A diffusers scheduler driven the way a plain text-to-image pipeline drives it.
@@ -40,7 +39,7 @@ pub trait Scheduler: Send {
 /// Reads a diffusers `scheduler_config.json` and builds the scheduler named by `_class_name`
 /// (FlowMatchEulerDiscreteScheduler or DPMSolverMultistepScheduler); unknown class → config error naming the key.
 pub fn scheduler_from_config_file(path: &Path) -> Result<Box<dyn Scheduler>> {
-    let map = read_config_json(path)?;
+    let map = read_json_object(path)?;
     let class = match map.get("_class_name") {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(other) => {
@@ -76,127 +75,37 @@ pub fn scheduler_from_config_file(path: &Path) -> Result<Box<dyn Scheduler>> {
     }
 }
 
-/// Reads a JSON object as Python's `json` writes it: diffusers configs may hold the bare tokens
-/// `-Infinity`, `Infinity` and `NaN` (e.g. SANA's `lambda_min_clipped`), which serde_json rejects.
-pub(crate) fn read_config_json(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| SanaError::io(path, e))?;
-    parse_config_json(&text, path)
-}
-
-pub(crate) fn parse_config_json(
-    text: &str,
-    path: &Path,
-) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let fixed = quote_non_finite_tokens(text);
-    match serde_json::from_str::<serde_json::Value>(&fixed) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(SanaError::config(path, "", "expected a JSON object")),
-        Err(e) => Err(SanaError::config(path, "", format!("invalid JSON: {e}"))),
+/// The checks every `step` makes: same shape, floating point, same device.
+pub(crate) fn check_step_inputs(model_output: &tch::Tensor, sample: &tch::Tensor) -> Result<()> {
+    if model_output.size() != sample.size() {
+        return Err(SanaError::input(
+            "model_output",
+            format!(
+                "shape {:?} differs from the sample's {:?}",
+                model_output.size(),
+                sample.size()
+            ),
+        ));
     }
-}
-
-/// Turns the bare Python tokens `-Infinity`, `Infinity`, `NaN` (outside strings) into the strings
-/// `"-Infinity"`, `"Infinity"`, `"NaN"`, which [`de_f64`] accepts for float fields.
-fn quote_non_finite_tokens(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 16);
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if c == '"' {
-            in_string = true;
-        } else {
-            let token = ["-Infinity", "Infinity", "NaN"]
-                .into_iter()
-                .find(|t| rest.starts_with(t));
-            if let Some(t) = token {
-                out.push('"');
-                out.push_str(t);
-                out.push('"');
-                rest = &rest[t.len()..];
-                continue;
-            }
+    for (name, t) in [("model_output", model_output), ("sample", sample)] {
+        if !t.is_floating_point() {
+            return Err(SanaError::input(
+                name,
+                format!("expected a floating point tensor, got {:?}", t.kind()),
+            ));
         }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
     }
-    out
-}
-
-/// Builds a config struct from a diffusers config object: missing keys take the struct's defaults (the
-/// diffusers `__init__` defaults), unknown keys are ignored with a warning (`_`-keys silently), and a bad
-/// value is reported with its key.
-pub(crate) fn config_from_map<T>(
-    map: &serde_json::Map<String, serde_json::Value>,
-    path: &Path,
-    class: &str,
-) -> Result<T>
-where
-    T: DeserializeOwned + Serialize + Default,
-{
-    // The struct's own serialized form lists its keys, so no hand-kept list can drift from the fields.
-    let known = match serde_json::to_value(T::default()) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    let mut used = serde_json::Map::new();
-    for (key, value) in map {
-        if key.starts_with('_') {
-            continue;
-        }
-        if !known.contains_key(key) {
-            tracing::warn!(path = %path.display(), key = %key, "{class}: ignoring unknown config key");
-            continue;
-        }
-        // One key at a time, so that a type error names its key (serde's message does not).
-        let mut single = serde_json::Map::new();
-        single.insert(key.clone(), value.clone());
-        if let Err(e) = serde_json::from_value::<T>(serde_json::Value::Object(single)) {
-            return Err(SanaError::config(path, key.as_str(), e.to_string()));
-        }
-        used.insert(key.clone(), value.clone());
+    if model_output.device() != sample.device() {
+        return Err(SanaError::input(
+            "model_output",
+            format!(
+                "on {:?} but the sample is on {:?}",
+                model_output.device(),
+                sample.device()
+            ),
+        ));
     }
-    serde_json::from_value::<T>(serde_json::Value::Object(used))
-        .map_err(|e| SanaError::config(path, "", e.to_string()))
-}
-
-/// Deserializes a float that may be the string `"Infinity"`, `"-Infinity"` or `"NaN"` (see
-/// [`quote_non_finite_tokens`]).
-pub(crate) fn de_f64<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum F {
-        Num(f64),
-        Str(String),
-    }
-    match F::deserialize(d)? {
-        F::Num(x) => Ok(x),
-        F::Str(s) => match s.as_str() {
-            "Infinity" | "inf" => Ok(f64::INFINITY),
-            "-Infinity" | "-inf" => Ok(f64::NEG_INFINITY),
-            "NaN" | "nan" => Ok(f64::NAN),
-            _ => Err(serde::de::Error::custom(format!(
-                "expected a number, got string {s:?}"
-            ))),
-        },
-    }
-}
-
-/// [`de_f64`] for optional floats (`null` → `None`).
-pub(crate) fn de_opt_f64<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<f64>, D::Error> {
-    #[derive(serde::Deserialize)]
-    struct W(#[serde(deserialize_with = "de_f64")] f64);
-    Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+    Ok(())
 }
 
 /// numpy's `np.linspace(start, stop, num)` in float64, bit for bit: `i * step + start`, last = stop.
@@ -227,32 +136,9 @@ pub(crate) mod test_util {
     use std::path::PathBuf;
     use tch::{Device, Kind, Tensor};
 
-    pub fn parity_dir() -> PathBuf {
-        match std::env::var_os("SANA_PARITY_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/parity")),
-        }
-    }
-
     /// The case folder, or `None` (after a note) when references were not generated and not required.
     pub fn case_dir(case: &str) -> Option<PathBuf> {
-        let dir = parity_dir().join(format!("scheduler_{case}"));
-        if dir.join("trace.safetensors").exists() {
-            return Some(dir);
-        }
-        if std::env::var("SANA_PARITY_REQUIRED").as_deref() == Ok("1") {
-            panic!(
-                "missing parity reference {}: run `python scripts/parity/make_reference.py {}` \
-                 (or scripts/parity/schedulers.py) with diffusers 0.42.1",
-                dir.display(),
-                parity_dir().display()
-            );
-        }
-        eprintln!(
-            "skipping scheduler parity case `{case}`: {} not found (run scripts/parity/make_reference.py)",
-            dir.display()
-        );
-        None
+        crate::testing::parity_case(&format!("scheduler_{case}"))
     }
 
     /// Where the parity tests run the scheduler: `SANA_TEST_DEVICE=cuda` checks the GPU path.
@@ -293,18 +179,13 @@ pub(crate) mod test_util {
             Vec::<f64>::try_from(&self.get(name).to_kind(Kind::Double)).expect("1-d tensor")
         }
         pub fn steps(&self) -> usize {
-            self.case["num_inference_steps"].as_u64().expect("num_inference_steps") as usize
+            self.case["num_inference_steps"]
+                .as_u64()
+                .expect("num_inference_steps") as usize
         }
     }
 
-    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.size(), b.size(), "shape mismatch");
-        let d = (a.to_device(Device::Cpu).to_kind(Kind::Double)
-            - b.to_device(Device::Cpu).to_kind(Kind::Double))
-        .abs()
-        .max();
-        d.double_value(&[])
-    }
+    pub use crate::testing::max_abs_diff;
 
     pub fn max_abs_diff_slice(a: &[f64], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len(), "length mismatch: {a:?} vs {b:?}");
@@ -315,6 +196,69 @@ pub(crate) mod test_util {
     }
 
     pub const TOL: f64 = 1e-4;
+
+    /// Runs a reference case twice: step by step on diffusers' own inputs (each prev_sample checked), then
+    /// free-running on its own outputs (the chain's error checked). `make` builds the scheduler from the
+    /// case's `scheduler_config.json` and calls set_timesteps.
+    pub fn check_scheduler_case(
+        case: &str,
+        make: impl Fn(&std::path::Path, &serde_json::Value) -> Box<dyn super::Scheduler>,
+    ) {
+        let Some(dir) = case_dir(case) else { return };
+        let trace = Trace::load(&dir);
+        let config = dir.join("scheduler_config.json");
+        let steps = trace.steps();
+
+        let mut s = make(&config, &trace.case);
+        let ts_err = max_abs_diff_slice(s.timesteps(), &trace.vec("timesteps"));
+        let sig_err = max_abs_diff_slice(s.sigmas(), &trace.vec("sigmas"));
+        assert_eq!(s.timesteps().len(), steps);
+
+        let mut step_err = 0.0_f64;
+        for i in 0..steps {
+            let prev = s
+                .step(
+                    &trace.input(&format!("model_output_{i}")),
+                    &trace.input(&format!("sample_{i}")),
+                )
+                .unwrap_or_else(|e| panic!("{case}: step {i}: {e}"));
+            let reference = trace.get(&format!("prev_sample_{i}"));
+            assert_eq!(prev.kind(), reference.kind());
+            let e = max_abs_diff(&prev, reference);
+            assert!(e.is_finite(), "{case}: step {i}: non-finite error");
+            step_err = step_err.max(e);
+        }
+        let x = trace.input("sample_0");
+        assert!(
+            s.step(&x, &x).is_err(),
+            "{case}: step past the end must fail"
+        );
+
+        let mut s = make(&config, &trace.case);
+        let mut x = trace.input("sample_0");
+        let mut chain_err = 0.0_f64;
+        for i in 0..steps {
+            x = s
+                .step(&trace.input(&format!("model_output_{i}")), &x)
+                .unwrap();
+            chain_err = chain_err.max(max_abs_diff(&x, trace.get(&format!("prev_sample_{i}"))));
+        }
+
+        eprintln!(
+            "scheduler_{case}: max |diff| timesteps {ts_err:.3e}, sigmas {sig_err:.3e}, \
+             prev_sample (per step) {step_err:.3e}, free-running chain {chain_err:.3e}"
+        );
+        assert!(ts_err <= TOL, "{case}: timesteps differ by {ts_err:e}");
+        assert!(sig_err <= TOL, "{case}: sigmas differ by {sig_err:e}");
+        assert!(
+            step_err <= TOL,
+            "{case}: prev_sample differs by {step_err:e}"
+        );
+        assert!(
+            chain_err <= TOL,
+            "{case}: free-running chain differs by {chain_err:e}"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -327,15 +271,6 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
-    }
-
-    #[test]
-    fn non_finite_tokens_are_quoted_outside_strings_only() {
-        let s = r#"{"a": -Infinity, "b": "x NaN \" Infinity", "c": [NaN, Infinity]}"#;
-        assert_eq!(
-            quote_non_finite_tokens(s),
-            r#"{"a": "-Infinity", "b": "x NaN \" Infinity", "c": ["NaN", "Infinity"]}"#
-        );
     }
 
     #[test]

@@ -6,8 +6,12 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::models::attention_processor::{mask_to_bias, Attention, AttentionConfig, Processor, QkNorm};
-use crate::models::embeddings::{PatchEmbed, PixArtAlphaTextProjection, TimestepEmbedding, SANA_TIME_PROJ};
+use crate::models::attention_processor::{
+    mask_to_bias, Attention, AttentionConfig, Processor, QkNorm,
+};
+use crate::models::embeddings::{
+    PatchEmbed, PixArtAlphaTextProjection, TimestepEmbedding, SANA_TIME_PROJ,
+};
 use crate::models::layers::{Conv2d, Conv2dConfig, LayerNorm, Linear};
 use crate::models::modeling_utils::{self, ModelConfig};
 use crate::models::normalization::{AdaLayerNormSingle, RMSNorm};
@@ -123,7 +127,12 @@ impl ModelConfig for SanaTransformerConfig {
         ] {
             match v {
                 Some(v) if v > 0 => {}
-                _ => return Err((key.into(), "SANA needs cross-attention: set a positive value".into())),
+                _ => {
+                    return Err((
+                        key.into(),
+                        "SANA needs cross-attention: set a positive value".into(),
+                    ))
+                }
             }
         }
         if self.interpolation_scale.is_some() && (self.inner_dim() % 4) != 0 {
@@ -157,7 +166,13 @@ impl GLUMBConv {
     pub fn new(vs: nn::Path, in_channels: i64, out_channels: i64, expand_ratio: f64) -> Self {
         let hidden = (expand_ratio * in_channels as f64) as i64;
         Self {
-            conv_inverted: Conv2d::new(&vs / "conv_inverted", in_channels, hidden * 2, 1, Default::default()),
+            conv_inverted: Conv2d::new(
+                &vs / "conv_inverted",
+                in_channels,
+                hidden * 2,
+                1,
+                Default::default(),
+            ),
             conv_depth: Conv2d::new(
                 &vs / "conv_depth",
                 hidden * 2,
@@ -204,7 +219,12 @@ enum TimeEmbed {
 }
 
 impl TimeEmbed {
-    fn forward(&self, timestep: &Tensor, guidance: Option<&Tensor>, kind: Kind) -> Result<(Tensor, Tensor)> {
+    fn forward(
+        &self,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        kind: Kind,
+    ) -> Result<(Tensor, Tensor)> {
         match (self, guidance) {
             (TimeEmbed::Single(ada), None) => Ok(ada.forward(timestep, kind)),
             (TimeEmbed::Single(_), Some(_)) => Err(SanaError::input(
@@ -265,7 +285,12 @@ impl SanaTransformerBlock {
                     processor: Processor::SanaLinear,
                 },
             ),
-            norm2: LayerNorm::new(&vs / "norm2", dim, cfg.norm_eps, cfg.norm_elementwise_affine),
+            norm2: LayerNorm::new(
+                &vs / "norm2",
+                dim,
+                cfg.norm_eps,
+                cfg.norm_elementwise_affine,
+            ),
             attn2: Attention::new(
                 &vs / "attn2",
                 AttentionConfig {
@@ -313,9 +338,9 @@ impl SanaTransformerBlock {
         let attn_out = self.attn1.forward(&norm_hs, None, None);
         let hidden_states = hidden_states + gate_msa * attn_out;
 
-        let attn_out = self
-            .attn2
-            .forward(&hidden_states, Some(encoder_hidden_states), encoder_bias);
+        let attn_out =
+            self.attn2
+                .forward(&hidden_states, Some(encoder_hidden_states), encoder_bias);
         let hidden_states = attn_out + hidden_states;
 
         let norm_hs = self.norm2.forward(&hidden_states);
@@ -391,8 +416,11 @@ impl SanaTransformer2DModel {
         } else {
             TimeEmbed::Single(AdaLayerNormSingle::new(te, dim))
         };
-        let caption_projection =
-            PixArtAlphaTextProjection::new(&root / "caption_projection", config.caption_channels, dim);
+        let caption_projection = PixArtAlphaTextProjection::new(
+            &root / "caption_projection",
+            config.caption_channels,
+            dim,
+        );
         let caption_norm = RMSNorm::new(&root / "caption_norm", dim, 1e-5, true, false);
         let blocks = &root / "transformer_blocks";
         let transformer_blocks = (0..config.num_layers)
@@ -426,7 +454,9 @@ impl SanaTransformer2DModel {
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config: SanaTransformerConfig = modeling_utils::read_config(dir)?;
         let mut model = Self::new(config, device).map_err(|e| match e {
-            SanaError::Config { key, msg, .. } => SanaError::config(dir.join("config.json"), key, msg),
+            SanaError::Config { key, msg, .. } => {
+                SanaError::config(dir.join("config.json"), key, msg)
+            }
             e => e,
         })?;
         modeling_utils::load_weights(&mut model.vs, dir)?;
@@ -466,7 +496,10 @@ impl SanaTransformer2DModel {
         if hs[2] % c.patch_size != 0 || hs[3] % c.patch_size != 0 {
             return Err(SanaError::input(
                 "hidden_states",
-                format!("H and W must be multiples of patch_size {}, got {hs:?}", c.patch_size),
+                format!(
+                    "H and W must be multiples of patch_size {}, got {hs:?}",
+                    c.patch_size
+                ),
             ));
         }
         let b = hs[0];
@@ -485,7 +518,10 @@ impl SanaTransformer2DModel {
         }
         if let Some(g) = x.guidance {
             if g.size() != [b] {
-                return Err(SanaError::input("guidance", format!("expected [{b}], got {:?}", g.size())));
+                return Err(SanaError::input(
+                    "guidance",
+                    format!("expected [{b}], got {:?}", g.size()),
+                ));
             }
         }
         if let Some(m) = x.encoder_attention_mask {
@@ -518,7 +554,9 @@ impl SanaTransformer2DModel {
         let (h, w) = (size[2] / p, size[3] / p);
 
         let mut hs = self.patch_embed.forward(&hidden_states);
-        let (temb, embedded_timestep) = self.time_embed.forward(&timestep, guidance.as_ref(), kind)?;
+        let (temb, embedded_timestep) =
+            self.time_embed
+                .forward(&timestep, guidance.as_ref(), kind)?;
         let enc = self.caption_projection.forward(&encoder_hidden_states);
         let enc = enc.view([b, -1, hs.size()[2]]);
         let enc = self.caption_norm.forward(&enc);
@@ -564,7 +602,8 @@ mod tests {
         let Some(dir) = parity_case(&format!("transformer_{case}")) else {
             return;
         };
-        let model = SanaTransformer2DModel::from_pretrained(&dir.join("model"), Device::Cpu, kind).unwrap();
+        let model =
+            SanaTransformer2DModel::from_pretrained(&dir.join("model"), Device::Cpu, kind).unwrap();
         let (got, expected) = run_case(&model, &dir);
         assert_eq!(got.kind(), expected.kind());
         let err = max_abs_diff(&got, &expected);
@@ -605,7 +644,9 @@ mod tests {
         let Some(dir) = parity_case("transformer_sana10") else {
             return;
         };
-        let model = SanaTransformer2DModel::from_pretrained(&dir.join("model"), Device::Cpu, Kind::Float).unwrap();
+        let model =
+            SanaTransformer2DModel::from_pretrained(&dir.join("model"), Device::Cpu, Kind::Float)
+                .unwrap();
         let vars = model.vs.variables();
         let w = &vars["transformer_blocks.1.attn2.to_v.weight"];
         tch::no_grad(|| {
@@ -614,7 +655,10 @@ mod tests {
         let (got, expected) = run_case(&model, &dir);
         let err = max_abs_diff(&got, &expected);
         eprintln!("perturbed weight: max abs err {err:.3e}");
-        assert!(err > 1e-4, "perturbing a weight went unnoticed (err {err:e})");
+        assert!(
+            err > 1e-4,
+            "perturbing a weight went unnoticed (err {err:e})"
+        );
     }
 
     fn tiny_config() -> SanaTransformerConfig {
@@ -647,7 +691,8 @@ mod tests {
     }
 
     fn load_err(dir: &Path) -> String {
-        let err = SanaTransformer2DModel::from_pretrained(dir, Device::Cpu, Kind::Float).unwrap_err();
+        let err =
+            SanaTransformer2DModel::from_pretrained(dir, Device::Cpu, Kind::Float).unwrap_err();
         let msg = err.to_string();
         assert!(!msg.contains('\n'), "error is one line: {msg}");
         msg
@@ -656,8 +701,10 @@ mod tests {
     #[test]
     fn save_then_load_round_trips() {
         let dir = saved_tiny();
-        let a = SanaTransformer2DModel::from_pretrained(dir.path(), Device::Cpu, Kind::Float).unwrap();
-        let b = SanaTransformer2DModel::from_pretrained(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        let a =
+            SanaTransformer2DModel::from_pretrained(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        let b =
+            SanaTransformer2DModel::from_pretrained(dir.path(), Device::Cpu, Kind::Float).unwrap();
         assert_eq!(a.config, tiny_config());
         for (name, t) in a.vs.variables() {
             assert_eq!(max_abs_diff(&t, &b.vs.variables()[&name]), 0.0, "{name}");
@@ -676,9 +723,17 @@ mod tests {
     #[test]
     fn unexpected_key_is_named() {
         let dir = saved_tiny();
-        rewrite_weights(dir.path(), |n| n.push(("transformer_blocks.7.ff.bias".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu)))));
+        rewrite_weights(dir.path(), |n| {
+            n.push((
+                "transformer_blocks.7.ff.bias".into(),
+                Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+            ))
+        });
         let msg = load_err(dir.path());
-        assert!(msg.contains("unexpected key `transformer_blocks.7.ff.bias`"), "{msg}");
+        assert!(
+            msg.contains("unexpected key `transformer_blocks.7.ff.bias`"),
+            "{msg}"
+        );
         assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
     }
 
@@ -693,7 +748,10 @@ mod tests {
             }
         });
         let msg = load_err(dir.path());
-        assert!(msg.contains("caption_projection.linear_1.weight") && msg.contains("[8, 5]"), "{msg}");
+        assert!(
+            msg.contains("caption_projection.linear_1.weight") && msg.contains("[8, 5]"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -702,7 +760,10 @@ mod tests {
         let cfg = dir.path().join("config.json");
         std::fs::write(&cfg, r#"{"num_layers": "two"}"#).unwrap();
         let msg = load_err(dir.path());
-        assert!(msg.contains("config.json") && msg.contains("num_layers"), "{msg}");
+        assert!(
+            msg.contains("config.json") && msg.contains("num_layers"),
+            "{msg}"
+        );
         std::fs::write(&cfg, "{not json").unwrap();
         let msg = load_err(dir.path());
         assert!(msg.contains("config.json"), "{msg}");
@@ -727,7 +788,12 @@ mod tests {
             }
         }
         let index = serde_json::json!({"metadata": {}, "weight_map": map});
-        std::fs::write(dir.path().join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+        std::fs::write(
+            dir.path()
+                .join("diffusion_pytorch_model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
         SanaTransformer2DModel::from_pretrained(dir.path(), Device::Cpu, Kind::Float).unwrap();
     }
 

@@ -1,0 +1,5 @@
+//! `diffusers/models/autoencoders/*`.
+
+pub mod autoencoder_dc;
+
+pub use autoencoder_dc::{AutoencoderDC, AutoencoderDCConfig, TilingConfig};

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU checks, run on a lent GPU machine over a copy of the tree with the x86-64
+# `sana` binary carried in .carry/ (and diffusers wheels in .whl/ when the
+# machine's Python lacks diffusers). Writes logs under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH=$TORCH_LIB
+python3 -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda)'
+if ! python3 -c 'import diffusers' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+SANA=.carry/sana
+set -x
+# 1. CUDA is visible to our binary (libtorch_cuda linked) and sampling runs in bf16.
+$SANA sample --device cuda --steps 20 --out "$OUT/sample"
+# 2. SANA-1.6B-sized transformer, random weights, bf16, 1024x1024 (32x32 latents), 300 caption tokens.
+for b in 1 2; do
+    $SANA bench-forward --device cuda --dtype bf16 --batch $b --latent-size 32 --warmup 3 --iters 20 --backward
+    python3 scripts/bench/forward_diffusers.py configs/models/sana-1600m-1024px-transformer.json $b 32 300 bf16 3 20 --backward
+done
+# 3. The parity tests' models on the GPU in fp32 (cuda kernels vs CPU reference) via `sana forward`.
+for d in .carry/parity/transformer_*; do
+    case=$(basename "$d")
+    dtype=fp32; [[ $case == *bf16 ]] && dtype=bf16
+    $SANA forward --device cuda --dtype $dtype --model "$d/model" --inputs "$d/inputs.safetensors" --out "$OUT/$case.safetensors" \
+      && python3 -c "
+import sys; from safetensors.torch import load_file
+a = load_file('$OUT/$case.safetensors')['sample'].float(); b = load_file('$d/outputs.safetensors')['sample'].float()
+print('$case cuda-vs-diffusers-cpu max abs err %.3e (output max %.3f)' % ((a - b).abs().max(), b.abs().max()))"
+done

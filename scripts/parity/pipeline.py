@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Full `SanaPipeline` parity references for sana/src/pipelines/pipeline_sana.rs.
+
+Builds a tiny random SANA pipeline (the Gemma-style tokenizer and tiny Gemma-2 of
+text_encoder.py, the tiny SANA-layout DC-AE of dc_ae.py, a tiny transformer, SANA's
+DPM-Solver++ scheduler config), saves it with `save_pretrained`, and runs diffusers'
+pipeline on fixed initial noise for both samplers, with and without CFG.
+
+Layout written:
+  OUT_DIR/pipeline_sana/pipeline/             the saved pipeline
+  OUT_DIR/pipeline_sana/<case>.safetensors    noise [B,C,h,w], latents (final, before the VAE),
+                                              images [B,3,H,W] in [0,1] before 8-bit quantisation
+  OUT_DIR/pipeline_sana/cases.json            {case: {prompts, negative_prompt, steps, guidance_scale,
+                                               sampler, height, width, num_images_per_prompt}}
+"""
+
+import json
+import pathlib
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+from diffusers import (
+    AutoencoderDC,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SanaPipeline,
+    SanaTransformer2DModel,
+)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import dc_ae  # noqa: E402
+import text_encoder  # noqa: E402
+
+# SANA's published scheduler_config.json (DPM-Solver++ 2M, flow sigmas, shift 3).
+SANA_SCHEDULER = dict(
+    algorithm_type="dpmsolver++", beta_end=0.02, beta_schedule="linear", beta_start=0.0001,
+    dynamic_thresholding_ratio=0.995, euler_at_final=False, final_sigmas_type="zero", flow_shift=3.0,
+    lambda_min_clipped=-float("inf"), lower_order_final=True, num_train_timesteps=1000,
+    prediction_type="flow_prediction", sample_max_value=1.0, solver_order=2, solver_type="midpoint",
+    steps_offset=0, thresholding=False, timestep_spacing="linspace", trained_betas=None,
+    use_beta_sigmas=False, use_exponential_sigmas=False, use_flow_sigmas=True, use_karras_sigmas=False,
+    use_lu_lambdas=False, variance_type=None,
+)
+
+PROMPTS = ["a red fox in the snow", "Two cats playing chess, 4k"]
+CASES = {
+    "dpm_cfg": dict(sampler="dpm", guidance_scale=4.5, steps=6),
+    "dpm_nocfg": dict(sampler="dpm", guidance_scale=1.0, steps=5),
+    "euler_cfg": dict(sampler="euler", guidance_scale=3.0, steps=6),
+    "euler_nocfg": dict(sampler="euler", guidance_scale=1.0, steps=4),
+    "dpm_cfg_2per_prompt": dict(sampler="dpm", guidance_scale=4.5, steps=4, num_images_per_prompt=2),
+}
+HEIGHT, WIDTH = 64, 96  # multiples of 32 (diffusers' check); the tiny DC-AE compresses by 8
+
+
+# A mid-size variant for benchmarks (scripts/bench): wider models, same layout.
+MID_TEXT_ENCODER = dict(text_encoder.MODEL, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=64)
+MID_VAE = dict(dc_ae.SANA, latent_channels=32, attention_head_dim=16,
+               encoder_block_out_channels=[32, 64, 128, 128], decoder_block_out_channels=[32, 64, 128, 128])
+MID_TRANSFORMER = dict(num_attention_heads=16, attention_head_dim=32, num_layers=4, num_cross_attention_heads=16,
+                       cross_attention_head_dim=32, cross_attention_dim=512)
+TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
+                        cross_attention_head_dim=8, cross_attention_dim=16)
+
+
+def build_pipeline(out: pathlib.Path, seed: int, mid: bool = False) -> SanaPipeline:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    text_encoder.build_tokenizer(out / "tok")
+    tokenizer = GemmaTokenizerFast.from_pretrained(out / "tok")
+    tokenizer.padding_side = "right"
+    te = Gemma2Model(Gemma2Config(**(MID_TEXT_ENCODER if mid else text_encoder.MODEL))).eval()
+    text_encoder.randomize_(te, gen)
+    vae = AutoencoderDC(**(MID_VAE if mid else dc_ae.SANA)).eval()
+    dc_ae.randomize_(vae, gen)
+    transformer = SanaTransformer2DModel(
+        in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+        caption_channels=te.config.hidden_size, sample_size=8, qk_norm="rms_norm_across_heads",
+        **(MID_TRANSFORMER if mid else TINY_TRANSFORMER),
+    ).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    scheduler = DPMSolverMultistepScheduler(**SANA_SCHEDULER)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=te, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(out / "pipeline")
+    return SanaPipeline.from_pretrained(out / "pipeline")
+
+
+def write_pipeline_cases(out_dir: pathlib.Path) -> None:
+    out = out_dir / "pipeline_sana"
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(out, seed=4242)
+    dpm_config = pipe.scheduler.config
+    meta = {}
+    for i, (name, case) in enumerate(CASES.items()):
+        n = case.get("num_images_per_prompt", 1)
+        c = pipe.transformer.config.in_channels
+        f = pipe.vae_scale_factor
+        noise = torch.randn(len(PROMPTS) * n, c, HEIGHT // f, WIDTH // f, generator=torch.Generator().manual_seed(i))
+        if case["sampler"] == "dpm":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
+        else:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
+        kw = dict(
+            prompt=PROMPTS, negative_prompt="", num_inference_steps=case["steps"],
+            guidance_scale=case["guidance_scale"], height=HEIGHT, width=WIDTH, num_images_per_prompt=n,
+            use_resolution_binning=False,
+        )
+        with torch.no_grad():
+            latents = pipe(**kw, latents=noise.clone(), output_type="latent").images
+            images = pipe(**kw, latents=noise.clone(), output_type="pt").images
+        save_file({"noise": noise.contiguous(), "latents": latents.float().contiguous(),
+                   "images": images.float().contiguous()}, str(out / f"{name}.safetensors"))
+        meta[name] = dict(prompts=PROMPTS, negative_prompt="", steps=case["steps"],
+                          guidance_scale=case["guidance_scale"], sampler=case["sampler"], height=HEIGHT,
+                          width=WIDTH, num_images_per_prompt=n)
+    (out / "cases.json").write_text(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    write_pipeline_cases(pathlib.Path(sys.argv[1]))

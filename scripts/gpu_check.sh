@@ -14,7 +14,9 @@ if ! python3 -c 'import diffusers' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1;
     export PYTHONPATH=/tmp/site
 fi
 SANA=.carry/sana
+CHECKS=${GPU_CHECKS:-transformer pipeline}
 set -x
+if [[ " $CHECKS " == *" transformer "* ]]; then
 # 1. CUDA is visible to our binary (libtorch_cuda linked) and sampling runs in bf16.
 $SANA sample --device cuda --steps 20 --out "$OUT/sample"
 # 2. SANA-1.6B-sized transformer, random weights, bf16, 1024x1024 (32x32 latents), 300 caption tokens.
@@ -32,3 +34,27 @@ import sys; from safetensors.torch import load_file
 a = load_file('$OUT/$case.safetensors')['sample'].float(); b = load_file('$d/outputs.safetensors')['sample'].float()
 print('$case cuda-vs-diffusers-cpu max abs err %.3e (output max %.3f)' % ((a - b).abs().max(), b.abs().max()))"
 done
+fi
+
+if [[ " $CHECKS " == *" pipeline "* ]]; then
+# 4. The tiny parity pipeline on the GPU (fp32) against diffusers' CPU images, same noise.
+P=.carry/parity/pipeline_sana
+python3 - "$P" <<'PY'
+import sys
+from safetensors.torch import load_file, save_file
+d = sys.argv[1]
+save_file({"noise": load_file(f"{d}/dpm_cfg.safetensors")["noise"]}, "/tmp/noise.safetensors")
+PY
+$SANA generate --device cuda --dtype fp32 --model $P/pipeline --prompt "a red fox in the snow" --prompt "Two cats playing chess, 4k" \
+    --steps 6 --guidance-scale 4.5 --height 64 --width 96 --no-resolution-binning --init-noise /tmp/noise.safetensors \
+    --save-latents "$OUT/gpu_latents.safetensors" --out "$OUT/gpu_pipeline.png"
+python3 -c "
+from safetensors.torch import load_file
+a = load_file('$OUT/gpu_latents.safetensors')['latents']; b = load_file('$P/dpm_cfg.safetensors')['latents']
+print('pipeline dpm_cfg cuda-vs-diffusers-cpu latents max abs err %.3e' % (a - b).abs().max())"
+# 5. SANA-1.6B-size pipeline (Gemma-2-2B, 1.6B transformer, DC-AE f32c32), random bf16 weights,
+#    1024x1024, 20 DPM steps, CFG 4.5: sana-rl and diffusers in one run.
+python3 scripts/bench/make_sana_1600m_pipeline.py /tmp/sana1600m
+SANA_RL_ROOT=$PWD BENCH_PIPELINE_DIR=/tmp/sana1600m/pipeline BENCH_DEVICE=cuda BENCH_DTYPE=bf16 \
+    BENCH_SIZE=1024 BENCH_STEPS=20 BENCH_BATCH=1 BENCH_WARMUP=1 BENCH_ITERS=3 BENCH_THREADS=8 .carry/bench_pipeline
+fi

@@ -24,7 +24,11 @@ pub enum CombineError {
 
 /// One reward_fn's scores for the batch: `scores[score_key]`, or the sum of
 /// the `+`-separated keys when that key itself is absent.
-pub fn select_scores(f: &RewardFn, scores: &Map<String, Value>, n: usize) -> Result<Vec<f32>, CombineError> {
+pub fn select_scores(
+    f: &RewardFn,
+    scores: &Map<String, Value>,
+    n: usize,
+) -> Result<Vec<f32>, CombineError> {
     let list = |key: &str| -> Result<Vec<f32>, CombineError> {
         let bad = || CombineError::BadScores {
             reward: f.name.clone(),
@@ -35,13 +39,19 @@ pub fn select_scores(f: &RewardFn, scores: &Map<String, Value>, n: usize) -> Res
         if a.len() != n {
             return Err(bad());
         }
-        a.iter().map(|v| v.as_f64().map(|x| x as f32).ok_or_else(bad)).collect()
+        a.iter()
+            .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(bad))
+            .collect()
     };
     let key = f.score_key();
     if scores.contains_key(key) {
         return list(key);
     }
-    let keys: Vec<&str> = key.split('+').map(str::trim).filter(|k| !k.is_empty()).collect();
+    let keys: Vec<&str> = key
+        .split('+')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .collect();
     let missing: Vec<String> = keys
         .iter()
         .filter(|k| !scores.contains_key(**k))
@@ -135,7 +145,8 @@ mod tests {
         let scores = scores.as_object().unwrap();
         let got = select_scores(&f("dance", Some("vq+mq"), 1.0, None, None), scores, 2).unwrap();
         assert_eq!(got, vec![1.5, 2.25]);
-        let err = select_scores(&f("dance", Some("vq+ta"), 1.0, None, None), scores, 2).unwrap_err();
+        let err =
+            select_scores(&f("dance", Some("vq+ta"), 1.0, None, None), scores, 2).unwrap_err();
         assert_eq!(
             err,
             CombineError::MissingKeys {
@@ -154,7 +165,10 @@ mod tests {
             scale: 10.0,
             reward_clip_min: Some(-1.0),
             reward_clip_max: Some(0.5),
-            reward_fns: vec![f("a", None, 2.0, Some(0.0), None), f("b", None, 0.5, None, Some(0.2))],
+            reward_fns: vec![
+                f("a", None, 2.0, Some(0.0), None),
+                f("b", None, 0.5, None, Some(0.2)),
+            ],
         };
         let got = combine(&cfg, &[vec![-1.0, 0.1, 3.0], vec![1.0, -4.0, 0.0]], 3);
         // a: [0, .1, 3]*2 = [0, .2, 6]; b: [.2, -4, 0]*.5 = [.1, -2, 0]; sum [.1, -1.8, 6]
@@ -169,7 +183,7 @@ mod tests {
     fn advantages_match_torch() {
         // torch: r = tensor([1., 2., 4.]); (r - r.mean()) / (r.std() + 1e-4)
         let a = advantages(&[1.0, 2.0, 4.0]);
-        let want = [-0.872_863_f32, -0.218_216, 1.091_080];
+        let want = [-0.872_863_f32, -0.218_216, 1.091_08];
         for (g, w) in a.iter().zip(want) {
             assert!((g - w).abs() < 1e-4, "{a:?}");
         }

@@ -229,7 +229,8 @@ impl Config {
         let train = &self.train.train_policy.remote_reward;
         if train.reward_fns.is_empty() {
             return Err(ConfigError::Invalid(
-                "no [[train.train_policy.remote_reward.reward_fns]]: name at least one reward".into(),
+                "no [[train.train_policy.remote_reward.reward_fns]]: name at least one reward"
+                    .into(),
             ));
         }
         for cfg in std::iter::once(train).chain(self.validation.remote_reward.as_ref()) {
@@ -244,10 +245,14 @@ impl Config {
         }
         let g = &self.gateway;
         if g.max_batch_items == 0 {
-            return Err(ConfigError::Invalid("max_batch_items must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "max_batch_items must be at least 1".into(),
+            ));
         }
         if g.redis_host.is_some() && g.redis_port.is_none() {
-            return Err(ConfigError::Invalid("redis_host is set without redis_port".into()));
+            return Err(ConfigError::Invalid(
+                "redis_host is set without redis_port".into(),
+            ));
         }
         Ok(())
     }

@@ -1,16 +1,66 @@
+use anyhow::Context;
 use clap::Parser;
+use reward_gateway::Config;
+use std::path::PathBuf;
 
-/// Batches enqueue/fetch calls from rollout workers to the asynchronous reward service.
+/// The reward gateway: a gRPC service (sana_rl.reward.v1.RewardGateway) that
+/// takes generated media with prompts from rollout workers, batches them into
+/// calls to a Cosmos-RL-protocol reward service, and answers every request once
+/// with combined rewards and group advantages.
 ///
-/// Not implemented yet (tracked in issue 5); this binary only reserves the name.
+/// The reward service is found through REMOTE_REWARD_ENQUEUE_URL,
+/// REMOTE_REWARD_FETCH_URL and REMOTE_REWARD_TOKEN (and the
+/// REMOTE_REWARD_ENQUEUE_TIMEOUT_* variables), as Cosmos-RL's trainer finds it.
+/// With [gateway] redis_port set, pending requests survive a restart.
 #[derive(Parser, Debug)]
 #[command(name = "reward-gateway", version)]
-struct Args {}
+struct Args {
+    /// TOML with [gateway] settings and [train.train_policy.remote_reward]
+    /// (scale, clips, [[...reward_fns]]), optionally [validation.remote_reward];
+    /// a Cosmos-RL trainer config works as it is.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override [gateway] listen (host:port).
+    #[arg(long)]
+    listen: Option<String>,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _ = Args::parse();
-    anyhow::bail!(
-        "reward-gateway is not implemented yet (issue {})",
-        reward_gateway::TRACKING_ISSUE
-    )
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = Config::load(&args.config)?;
+    if let Some(l) = args.listen {
+        cfg.gateway.listen = l;
+    }
+    let listen = cfg.gateway.listen.clone();
+    let max_msg = cfg.gateway.max_message_mb.saturating_mul(1 << 20);
+    let engine = reward_gateway::start_engine(cfg).await?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "reward-gateway listening");
+    reward_gateway::grpc::serve(engine, listener, max_msg, async {
+        if let Err(e) = shutdown_signal().await {
+            tracing::error!("{e:#}");
+        }
+    })
+    .await?;
+    tracing::info!("reward-gateway stopped (pending requests stay in redis, if configured)");
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod models;
 pub mod pipelines;
 pub mod schedulers;
+pub mod training;
 
 pub use error::{Result, SanaError};
 

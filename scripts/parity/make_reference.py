@@ -132,6 +132,7 @@ def main() -> None:
     schedulers.write_scheduler_cases(out)
     __import__("dc_ae").write_dc_ae_cases(out)  # scripts/parity/dc_ae.py (DC-AE encode/decode)
     __import__("text_encoder").write_text_encoder_cases(out)
+    __import__("training").write_training_cases(out)  # scripts/parity/training.py (NFT loss)
     __import__("pipeline").write_pipeline_cases(out)  # scripts/parity/pipeline.py (full SanaPipeline)
     print(f"parity references written to {out}")
 

@@ -1,14 +1,21 @@
 //! The `torch.nn` layers the models are built from, parameter names as PyTorch
 //! names them (`weight`, `bias`). Our own `Linear` (rather than `tch::nn::Linear`)
-//! so that adapters (LoRA) can later hook into every projection in one place.
+//! so that adapters (LoRA, `crate::lora`) hook into every projection in one place.
+
+use std::sync::Arc;
 
 use tch::{nn, Tensor};
 
-/// `torch.nn.Linear`: `y = x W^T + b` through `at::linear`, the same kernel PyTorch uses.
+use crate::lora::LoraSlot;
+
+/// `torch.nn.Linear`: `y = x W^T + b` through `at::linear`, the same kernel PyTorch uses,
+/// plus whatever LoRA adapter is active on it (PEFT's `lora.Linear`).
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// This layer's adapters; shared with the model's `LoraAdapters` registry.
+    lora: Arc<LoraSlot>,
 }
 
 impl Linear {
@@ -34,11 +41,25 @@ impl Linear {
                 },
             )
         });
-        Self { weight, bias }
+        // The module's qualified name as PyTorch's `named_modules` gives it
+        // (`transformer_blocks.0.attn1.to_q`): what PEFT's target matching sees.
+        let name = vs.components().collect::<Vec<_>>().join(".");
+        let lora = Arc::new(LoraSlot::new(name, &weight, in_features, out_features));
+        Self { weight, bias, lora }
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.linear(&self.weight, self.bias.as_ref())
+        let out = xs.linear(&self.weight, self.bias.as_ref());
+        self.lora.apply(xs, out)
+    }
+
+    /// The qualified module name (`transformer_blocks.0.attn1.to_q`).
+    pub fn name(&self) -> &str {
+        self.lora.name()
+    }
+
+    pub(crate) fn lora_slot(&self) -> &Arc<LoraSlot> {
+        &self.lora
     }
 }
 

@@ -1,0 +1,9 @@
+//! The math the policy workers run (../shared nft-algorithm.md is the spec;
+//! Cosmos-RL 0.4.7 the reference): losses, optimizer, LR schedule, EMA and the
+//! decayed "old" policy copy. No networking, no process state.
+
+pub mod ema;
+pub mod lr_schedule;
+pub mod nft;
+pub mod optim;
+pub mod sft;

@@ -16,6 +16,11 @@ need_apt=()
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+# Rewards: redis-server keeps scores (embedded and in tests); cmake and nasm
+# build the libjpeg-turbo that the `turbojpeg` crate vendors.
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v nasm >/dev/null || need_apt+=(nasm)
 if ((${#need_apt[@]})); then
     log "installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

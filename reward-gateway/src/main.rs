@@ -45,12 +45,25 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(addr = %listener.local_addr()?, "reward-gateway listening");
-    reward_gateway::grpc::serve(engine, listener, max_msg, async {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         if let Err(e) = shutdown_signal().await {
             tracing::error!("{e:#}");
         }
-    })
-    .await?;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Graceful stop waits for open calls; a `Score` can take as long as the
+    // reward does, so give them a while and then go (pending work is in Redis).
+    tokio::select! {
+        r = reward_gateway::grpc::serve(engine, listener, max_msg, stopped(stop_rx.clone())) => r?,
+        _ = async {
+            stopped(stop_rx).await;
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        } => tracing::warn!("calls still open 10 s after the stop signal; exiting"),
+    }
     tracing::info!("reward-gateway stopped (pending requests stay in redis, if configured)");
     Ok(())
 }

@@ -123,6 +123,13 @@ pub enum PullOutcome {
     Refused(String),
 }
 
+/// https endpoints (hosted reward services) use rustls with ring; reqwest
+/// panics building a client without a provider, so call this before any
+/// `reqwest::Client` in the process. Installing twice is harmless.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 #[derive(Clone)]
 pub struct RemoteClient {
     cfg: RemoteConfig,
@@ -140,6 +147,7 @@ async fn text(r: reqwest::Response) -> String {
 
 impl RemoteClient {
     pub fn new(cfg: RemoteConfig) -> Result<Self, reqwest::Error> {
+        install_tls_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_s))
             .build()?;
@@ -252,9 +260,8 @@ impl RemoteClient {
 mod tests {
     use super::*;
 
-    #[test]
-    fn enqueue_timeout_is_sized_from_the_payload() {
-        let mut c = RemoteConfig {
+    fn cfg() -> RemoteConfig {
+        RemoteConfig {
             enqueue_url: String::new(),
             fetch_url: String::new(),
             token: String::new(),
@@ -265,11 +272,30 @@ mod tests {
             enqueue_timeout_max_s: 600.0,
             connect_timeout_s: 100.0,
             pull_timeout_s: 10.0,
-        };
+        }
+    }
+
+    #[test]
+    fn enqueue_timeout_is_sized_from_the_payload() {
+        let mut c = cfg();
         assert_eq!(c.enqueue_timeout(1 << 20), Duration::from_secs(60));
         assert_eq!(c.enqueue_timeout(20 << 20), Duration::from_secs(90));
         assert_eq!(c.enqueue_timeout(1000 << 20), Duration::from_secs(600));
         c.enqueue_timeout_fixed_s = Some(7.5);
         assert_eq!(c.enqueue_timeout(1000 << 20), Duration::from_secs_f64(7.5));
+    }
+
+    #[tokio::test]
+    async fn a_tls_client_builds_and_reports_connect_errors_as_retryable() {
+        // reqwest refuses to build an https client without a crypto provider;
+        // nothing listens on port 1, which must read as worth retrying.
+        let mut c = cfg();
+        c.enqueue_url = "https://127.0.0.1:1/api/reward/enqueue".into();
+        c.connect_timeout_s = 2.0;
+        let client = RemoteClient::new(c).unwrap();
+        match client.enqueue(Bytes::from_static(b"{}\n")).await {
+            EnqueueOutcome::Retry(msg) => assert!(msg.contains("enqueue"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

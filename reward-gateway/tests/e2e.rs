@@ -216,8 +216,8 @@ async fn gateway_killed_and_restarted_resumes_pending_requests() {
     let sport = port();
     let _svc = start_service(dir.path(), sport, 1);
     let gport = port();
-    // 100 items = 25 requests: full batches leave at once, the rest wait 300 ms.
-    let cfg = "max_batch_items = 100\nmax_batch_wait_ms = 300";
+    // 100 items = 25 requests: full batches leave at once, the rest wait 1 s.
+    let cfg = "max_batch_items = 100\nmax_batch_wait_ms = 1000";
     let mut gw = start_gateway(dir.path(), gport, sport, rport, cfg);
     let persist = Persist::redis(
         &format!("redis://127.0.0.1:{rport}/"),
@@ -227,11 +227,11 @@ async fn gateway_killed_and_restarted_resumes_pending_requests() {
     .await
     .unwrap();
 
-    // First half: enqueued to the (slow) service before the kill...
-    let mut ids = submit_all(gport, 0.3, 0..PER_WORKER / 2).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    // ...second half: still in the batcher when the gateway dies.
-    ids.extend(submit_all(gport, 0.3, PER_WORKER / 2..PER_WORKER).await);
+    // First half: enqueued to the service (1 s a batch) before the kill...
+    let mut ids = submit_all(gport, 1.0, 0..PER_WORKER / 2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // ...second half: one full batch enqueued, the rest still in the batcher.
+    ids.extend(submit_all(gport, 1.0, PER_WORKER / 2..PER_WORKER).await);
     gw.kill();
     let pending = persist.pending_count().await.unwrap();
     // What the dead gateway left: batches already enqueued (a service uuid
@@ -261,7 +261,7 @@ async fn gateway_killed_and_restarted_resumes_pending_requests() {
 
     // Submitting an answered request again queues nothing and gives the same answer.
     let mut c = client(gport).await;
-    let (again, _) = request(0, 0, 0.3);
+    let (again, _) = request(0, 0, 1.0);
     let id = c.submit(again).await.unwrap();
     let r = c
         .fetch(&id, Duration::from_secs(1))

@@ -34,7 +34,7 @@ async fn score(c: &reqwest::Client, url: &str, prompts: &[&str], data: &[u8]) ->
 #[tokio::test]
 async fn a_kept_alive_scorer_process_scores_batches() {
     let svc = ServiceProc::start(&config(), None).await;
-    let c = reqwest::Client::new();
+    let c = http();
     let url = svc.url();
     let data = images(2, 8, 8, 4);
     let want: Vec<f64> = data
@@ -76,7 +76,7 @@ async fn a_kept_alive_scorer_process_scores_batches() {
 async fn a_full_queue_answers_503_with_retry_after() {
     let svc =
         ServiceProc::start(&format!("max_pending = 1\nworkers = 1\n{}", config()), None).await;
-    let c = reqwest::Client::new();
+    let c = http();
     let slow = |p: &str| {
         body(
             json!({"prompts": [p], "reward_fn": {"brightness": 1.0}, "media_type": "image", "sleep_s": 2.0}),
@@ -120,7 +120,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
 #[tokio::test]
 async fn sigterm_finishes_queued_work_before_exiting() {
     let mut svc = ServiceProc::start(&format!("workers = 1\n{}", config()), None).await;
-    let c = reqwest::Client::new();
+    let c = http();
     let url = svc.url();
     let mut uuids = Vec::new();
     for p in ["a", "b"] {

@@ -20,7 +20,7 @@ fn good_body() -> Vec<u8> {
 #[tokio::test]
 async fn wrong_or_missing_token_is_401_on_every_endpoint() {
     let svc = ServiceProc::start(&format!("token = \"right\"\n{JPEG}"), Some("right")).await;
-    let c = reqwest::Client::new();
+    let c = http();
     let url = svc.url();
     for token in [None, Some("wrong"), Some("righ"), Some("right2")] {
         let r = enqueue(&c, &url, token, good_body()).await;
@@ -58,7 +58,7 @@ async fn wrong_or_missing_token_is_401_on_every_endpoint() {
 #[tokio::test]
 async fn bad_requests_get_4xx_with_a_message_and_the_service_keeps_serving() {
     let svc = ServiceProc::start(&format!("max_body_mb = 1\n{JPEG}"), None).await;
-    let c = reqwest::Client::new();
+    let c = http();
     let url = svc.url();
     let img = images(2, 16, 16, 1);
     let meta = json!({"prompts": ["a", "b"], "reward_fn": {"jpeg_compressibility": 1.0}, "media_type": "image"});
@@ -186,7 +186,7 @@ async fn bad_requests_get_4xx_with_a_message_and_the_service_keeps_serving() {
 #[tokio::test]
 async fn pulls_of_unknown_uuids_say_so() {
     let svc = ServiceProc::start(JPEG, None).await;
-    let c = reqwest::Client::new();
+    let c = http();
     let (status, v) = pull_once(&c, &svc.url(), None, "no-such-uuid", "jpeg_compressibility").await;
     assert_eq!(status, 400);
     assert_eq!(v["message"], "Not found scores for no-such-uuid");
@@ -221,7 +221,7 @@ async fn pulls_of_unknown_uuids_say_so() {
 #[tokio::test]
 async fn replica_id_comes_back_with_the_uuid() {
     let svc = ServiceProc::start(&format!("replica_id = \"replica-7\"\n{JPEG}"), None).await;
-    let c = reqwest::Client::new();
+    let c = http();
     let v: serde_json::Value = enqueue(&c, &svc.url(), None, good_body())
         .await
         .json()

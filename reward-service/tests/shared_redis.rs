@@ -22,7 +22,7 @@ async fn replicas_share_scores_and_report_lost_work() {
     );
     let mut a = ServiceProc::start(&cfg, None).await;
     let b = ServiceProc::start(&cfg, None).await;
-    let c = reqwest::Client::new();
+    let c = http();
 
     let r = enqueue(
         &c,

@@ -25,9 +25,20 @@ fn main() -> anyhow::Result<()> {
         env_usize("BENCH_SIZE", 256),
         env_usize("BENCH_BATCH", 2),
     );
-    let (device_name, dtype) = (env_str("BENCH_DEVICE", "cpu"), env_str("BENCH_DTYPE", "fp32"));
-    let device = if device_name == "cuda" { Device::Cuda(0) } else { Device::Cpu };
-    let kind = if dtype == "bf16" { Kind::BFloat16 } else { Kind::Float };
+    let (device_name, dtype) = (
+        env_str("BENCH_DEVICE", "cpu"),
+        env_str("BENCH_DTYPE", "fp32"),
+    );
+    let device = if device_name == "cuda" {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
+    let kind = if dtype == "bf16" {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
     let dir = tempfile::tempdir()?;
     let pipe_dir = match std::env::var_os("BENCH_PIPELINE_DIR") {
         Some(d) => d.into(),

@@ -28,6 +28,9 @@ pub enum SanaError {
     /// A scheduler was used out of order or configured with unsupported options.
     #[error("scheduler: {0}")]
     Scheduler(String),
+    /// A LoRA adapter was used wrongly (unknown name, merged, targets nothing).
+    #[error("LoRA: {0}")]
+    Lora(String),
     #[error(transparent)]
     Tch(#[from] tch::TchError),
 }

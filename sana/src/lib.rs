@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config_json;
 pub mod error;
+pub mod lora;
 pub mod models;
 pub mod pipelines;
 pub mod schedulers;

@@ -78,7 +78,6 @@ struct LoraWeights {
     /// `[out_features, r]`.
     b: Tensor,
     r: i64,
-    alpha: f64,
     scaling: f64,
     dropout: f64,
 }
@@ -144,7 +143,12 @@ impl LoraSlot {
         let (a, b, scaling, dropout) = {
             let st = self.lock();
             match st.adapters.get(active) {
-                Some(Some(w)) => (w.a.shallow_clone(), w.b.shallow_clone(), w.scaling, w.dropout),
+                Some(Some(w)) => (
+                    w.a.shallow_clone(),
+                    w.b.shallow_clone(),
+                    w.scaling,
+                    w.dropout,
+                ),
                 _ => return out,
             }
         };
@@ -298,13 +302,24 @@ impl LoraAdapters {
         }
     }
 
+    /// Every module name we know of: the Linears and the modules holding parameters.
+    pub(crate) fn module_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
+        v.extend(self.other_modules.iter().map(|(n, _)| n.clone()));
+        v
+    }
+
     /// Names of every Linear (the modules `"all-linear"` targets).
     pub fn linear_names(&self) -> Vec<&str> {
         self.slots.iter().map(|s| s.name.as_str()).collect()
     }
 
     pub fn adapter_names(&self) -> Vec<String> {
-        self.adapters.iter().flatten().map(|a| a.name.clone()).collect()
+        self.adapters
+            .iter()
+            .flatten()
+            .map(|a| a.name.clone())
+            .collect()
     }
 
     pub fn has_adapter(&self, name: &str) -> bool {
@@ -354,12 +369,14 @@ impl LoraAdapters {
             .validate()
             .map_err(|(k, m)| SanaError::config(&source, k, m))?;
         let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
-        let m = TargetMatcher::new(config, &names).map_err(|(k, msg)| SanaError::config(&source, k, msg))?;
-        let tm = config.target_modules.as_ref().expect("validated");
+        let m = TargetMatcher::new(config, &names)
+            .map_err(|(k, msg)| SanaError::config(&source, k, msg))?;
+        let tm = serde_json::to_string(config.target_modules.as_ref().expect("validated"))
+            .expect("JSON serialises");
         for (module, kind) in &self.other_modules {
             if m.check(module) == TargetMatch::Target {
                 return Err(lora_err(format!(
-                    "adapter `{name}`: target_modules {tm:?} selects `{module}` ({kind}); \
+                    "adapter `{name}`: target_modules {tm} selects `{module}` ({kind}); \
                      sana-rl puts LoRA on Linear layers only"
                 )));
             }
@@ -377,7 +394,7 @@ impl LoraAdapters {
             .collect();
         if targets.is_empty() {
             return Err(lora_err(format!(
-                "adapter `{name}`: target modules {tm:?} not found in the base model \
+                "adapter `{name}`: target modules {tm} not found in the base model \
                  (its Linears are named like `{}`)",
                 names.get(names.len() / 2).map_or("", String::as_str)
             )));
@@ -392,8 +409,8 @@ impl LoraAdapters {
     /// PEFT's `add_adapter`: new adapter `name` on the Linears `config` targets,
     /// initialised per `init_lora_weights` from the global torch RNG (drawn on the CPU
     /// in PEFT's order, so `tch::manual_seed(s)` gives PEFT's init under
-    /// `torch.manual_seed(s)`), trainable, in the model's dtype. The first adapter
-    /// added becomes active.
+    /// `torch.manual_seed(s)`), trainable, in [`adapter_kind`](Self::adapter_kind).
+    /// The first adapter added becomes active.
     pub fn add_adapter(&mut self, name: &str, config: &LoraConfig) -> Result<()> {
         self.insert(name, config, Some(config.init_lora_weights), true)
     }
@@ -421,12 +438,15 @@ impl LoraAdapters {
             let (inf, outf) = (slot.in_features, slot.out_features);
             let opts = (Kind::Float, Device::Cpu);
             let (a, b) = tch::no_grad(|| match init {
-                None => (Tensor::zeros([t.r, inf], opts), Tensor::zeros([outf, t.r], opts)),
+                None => (
+                    Tensor::zeros([t.r, inf], opts),
+                    Tensor::zeros([outf, t.r], opts),
+                ),
                 Some(init) => {
                     // PEFT builds lora_A/lora_B as nn.Linear (default init draws A, then B),
                     // then re-initialises them.
-                    let a = Tensor::empty([t.r, inf], opts);
-                    let b = Tensor::empty([outf, t.r], opts);
+                    let mut a = Tensor::empty([t.r, inf], opts);
+                    let mut b = Tensor::empty([outf, t.r], opts);
                     let (ba, bb) = (kaiming_bound(inf), kaiming_bound(t.r));
                     let _ = a.uniform_(-ba, ba);
                     let _ = b.uniform_(-bb, bb);
@@ -445,8 +465,15 @@ impl LoraAdapters {
                     (a, b)
                 }
             });
-            let a = a.to_device(self.device).to_kind(self.kind).set_requires_grad(trainable);
-            let b = b.to_device(self.device).to_kind(self.kind).set_requires_grad(trainable);
+            let kind = self.adapter_kind();
+            let a = a
+                .to_device(self.device)
+                .to_kind(kind)
+                .set_requires_grad(trainable);
+            let b = b
+                .to_device(self.device)
+                .to_kind(kind)
+                .set_requires_grad(trainable);
             let mut st = slot.lock();
             if st.adapters.len() <= id {
                 st.adapters.resize_with(id + 1, || None);
@@ -455,13 +482,16 @@ impl LoraAdapters {
                 a,
                 b,
                 r: t.r,
-                alpha: t.alpha,
                 scaling: lora_scaling(t.r, t.alpha, config.use_rslora),
                 dropout: config.lora_dropout,
             });
             slot.any.store(true, Ordering::Release);
         }
-        tracing::debug!(adapter = name, modules = targets.len(), "LoRA adapter added");
+        tracing::debug!(
+            adapter = name,
+            modules = targets.len(),
+            "LoRA adapter added"
+        );
         self.adapters.push(Some(AdapterInfo {
             name: name.to_string(),
             config: config.clone(),
@@ -478,7 +508,9 @@ impl LoraAdapters {
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         let id = self.id(name)?;
         if self.control.merged.load(Ordering::Acquire) == id {
-            return Err(lora_err(format!("adapter `{name}` is merged; unmerge it first")));
+            return Err(lora_err(format!(
+                "adapter `{name}` is merged; unmerge it first"
+            )));
         }
         for t in &self.info(id).targets {
             let slot = &self.slots[t.slot];
@@ -534,7 +566,11 @@ impl LoraAdapters {
     }
 
     /// Runs `f` with `adapter` active, then restores the previous one (also on panic).
-    pub fn with_active<T>(&self, adapter: impl Into<ActiveAdapter>, f: impl FnOnce() -> T) -> Result<T> {
+    pub fn with_active<T>(
+        &self,
+        adapter: impl Into<ActiveAdapter>,
+        f: impl FnOnce() -> T,
+    ) -> Result<T> {
         let id = self.resolve_active(&adapter.into())?;
         let previous = self.control.active.load(Ordering::Acquire);
         if id != previous {
@@ -626,11 +662,18 @@ impl LoraAdapters {
     }
 
     /// Visits `(module, lora_A, lora_B)` of an adapter in model order.
-    fn for_each(&self, id: usize, mut f: impl FnMut(&str, &LoraWeights) -> Result<()>) -> Result<()> {
+    fn for_each(
+        &self,
+        id: usize,
+        mut f: impl FnMut(&str, &LoraWeights) -> Result<()>,
+    ) -> Result<()> {
         for t in &self.info(id).targets {
             let slot = &self.slots[t.slot];
             let st = slot.lock();
-            f(&slot.name, st.adapters[id].as_ref().expect("target has weights"))?;
+            f(
+                &slot.name,
+                st.adapters[id].as_ref().expect("target has weights"),
+            )?;
         }
         Ok(())
     }
@@ -676,10 +719,17 @@ impl LoraAdapters {
     /// Copies `tensors` (keys as [`state_dict`](Self::state_dict) gives them) into an
     /// existing adapter. Every tensor must fit a module of the adapter with its exact
     /// shape, and every module must be covered; `source` names the file in errors.
-    pub fn load_state_dict(&self, name: &str, tensors: &[(String, Tensor)], source: &Path) -> Result<()> {
+    pub fn load_state_dict(
+        &self,
+        name: &str,
+        tensors: &[(String, Tensor)],
+        source: &Path,
+    ) -> Result<()> {
         let id = self.id(name)?;
         if self.merged_id() == id {
-            return Err(lora_err(format!("adapter `{name}` is merged; unmerge it first")));
+            return Err(lora_err(format!(
+                "adapter `{name}` is merged; unmerge it first"
+            )));
         }
         let info = self.info(id);
         let bad = |msg: String| SanaError::Weights {
@@ -716,7 +766,9 @@ impl LoraAdapters {
                 } else {
                     "the model has no Linear of that name"
                 };
-                return Err(bad(format!("key `{key}`: unknown module `{module}` ({why})")));
+                return Err(bad(format!(
+                    "key `{key}`: unknown module `{module}` ({why})"
+                )));
             };
             if seen[which].replace(t).is_some() {
                 return Err(bad(format!("key `{key}` appears twice")));
@@ -768,10 +820,17 @@ impl LoraAdapters {
     }
 
     /// Pairs the weights of two adapters that sit on the same modules with the same shapes.
-    fn paired(&self, dst: &str, src: &str, mut f: impl FnMut(&LoraWeights, &LoraWeights)) -> Result<()> {
+    fn paired(
+        &self,
+        dst: &str,
+        src: &str,
+        mut f: impl FnMut(&LoraWeights, &LoraWeights),
+    ) -> Result<()> {
         let (d, s) = (self.id(dst)?, self.id(src)?);
         if self.merged_id() == d {
-            return Err(lora_err(format!("adapter `{dst}` is merged; unmerge it first")));
+            return Err(lora_err(format!(
+                "adapter `{dst}` is merged; unmerge it first"
+            )));
         }
         let (di, si) = (self.info(d), self.info(s));
         let same = di.targets.len() == si.targets.len()
@@ -818,8 +877,8 @@ impl LoraAdapters {
         })
     }
 
-    /// Casts every adapter's tensors (the model's `set_kind` calls this; call it again
-    /// afterwards to keep e.g. fp32 adapters on a bf16 model, as PEFT's autocast does).
+    /// Casts every adapter's tensors to `kind`, as `model.to(dtype)` does in PyTorch (the
+    /// model's `set_kind` calls this). Adapters added afterwards follow [`adapter_kind`](Self::adapter_kind).
     pub fn set_kind(&mut self, kind: Kind) {
         self.kind = kind;
         tch::no_grad(|| {
@@ -836,9 +895,15 @@ impl LoraAdapters {
         });
     }
 
-    /// The dtype new adapters are created in.
-    pub fn kind(&self) -> Kind {
-        self.kind
+    /// The dtype new (and loaded) adapters are created in: the model's, except fp32 on
+    /// an fp16/bf16 model — PEFT's default `autocast_adapter_dtype=True`, which
+    /// diffusers' `load_lora_weights` and `add_adapter` also use. The LoRA branch then
+    /// runs in fp32 and its sum is cast back to the model dtype.
+    pub fn adapter_kind(&self) -> Kind {
+        match self.kind {
+            Kind::Half | Kind::BFloat16 => Kind::Float,
+            k => k,
+        }
     }
 }
 

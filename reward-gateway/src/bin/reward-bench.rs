@@ -23,6 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Load figures for the reward path over loopback: enqueue+pull throughput of
+/// the reward-service with concurrent clients, then single-request latency
+/// direct and through the reward-gateway (its added latency).
+///
+/// Starts the service (embedded Redis) and a gateway (Redis persistence) in
+/// this process unless --service-url is given. Build with --release.
 #[derive(Parser, Debug)]
 #[command(name = "reward-bench", version)]
 struct Args {
@@ -47,6 +53,9 @@ struct Args {
     /// Compute threads of the in-process reward-service (default: CPUs).
     #[arg(long)]
     workers: Option<usize>,
+    /// Run the gateway without Redis persistence (to see what durability costs).
+    #[arg(long)]
+    gateway_in_memory: bool,
     /// Benchmark a running reward-service (http://host:port) instead of starting one.
     #[arg(long)]
     service_url: Option<String>,
@@ -144,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    reward_gateway::remote::install_tls_provider();
     let poll = Duration::from_millis(a.poll_ms);
     let mb = (a.batch * a.size * a.size * 3) as f64 / (1 << 20) as f64;
 

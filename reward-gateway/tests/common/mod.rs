@@ -83,13 +83,13 @@ pub fn start_service(dir: &Path, port: u16, workers: usize) -> Proc {
     );
     let path = dir.join(format!("service-{port}.toml"));
     std::fs::write(&path, cfg).unwrap();
-    let child = Command::new(service_bin())
-        .arg("--config")
+    let mut cmd = Command::new(service_bin());
+    cmd.arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdin(Stdio::null());
+    die_with_test(&mut cmd);
+    let child = cmd.spawn().unwrap();
     wait_port(port);
     Proc {
         child,
@@ -131,20 +131,32 @@ pub fn start_gateway(
     let path = dir.join(format!("gateway-{port}.toml"));
     std::fs::write(&path, cfg).unwrap();
     let url = format!("http://127.0.0.1:{service_port}/api/reward");
-    let child = Command::new(GATEWAY_BIN)
-        .arg("--config")
+    let mut cmd = Command::new(GATEWAY_BIN);
+    cmd.arg("--config")
         .arg(&path)
         .env("REMOTE_REWARD_ENQUEUE_URL", format!("{url}/enqueue"))
         .env("REMOTE_REWARD_FETCH_URL", format!("{url}/pull"))
         .env("REMOTE_REWARD_TOKEN", "")
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdin(Stdio::null());
+    die_with_test(&mut cmd);
+    let child = cmd.spawn().unwrap();
     wait_port(port);
     Proc {
         child,
         name: "reward-gateway",
+    }
+}
+
+/// Stop the child if the test process is killed (e.g. by a test timeout).
+pub fn die_with_test(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and only touches the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
 }
 

@@ -34,14 +34,14 @@ impl ServiceProc {
             format!("host = \"127.0.0.1\"\nport = {port}\n{config}"),
         )
         .unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
             .arg(&path)
             .env_remove("REWARD_SERVICE_TOKEN")
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdin(Stdio::null());
+        die_with_test(&mut cmd);
+        let child = cmd.spawn().unwrap();
         let mut p = ServiceProc { child, port, dir };
         p.wait_ready(token).await;
         p
@@ -53,7 +53,7 @@ impl ServiceProc {
 
     async fn wait_ready(&mut self, token: Option<&str>) {
         let start = Instant::now();
-        let client = reqwest::Client::new();
+        let client = http();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("reward-service exited during startup: {status}");
@@ -94,6 +94,25 @@ impl Drop for ServiceProc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Stop the child if the test process is killed (e.g. by a test timeout).
+pub fn die_with_test(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and only touches the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// An HTTP client. Built with the rest of the workspace, reqwest carries the
+/// gateway's rustls (without a built-in crypto provider), so install ring's.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
 
 /// An enqueue body for a uint8 array.

@@ -49,6 +49,13 @@ pub struct GenerateArgs {
     /// Do not prefix prompts with SANA's complex human instruction.
     #[arg(long)]
     pub no_complex_human_instruction: bool,
+    /// LoRA adapter to apply: a PEFT folder (adapter_config.json + adapter_model.safetensors)
+    /// or diffusers' pytorch_lora_weights.safetensors (the file, or a folder holding it).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Strength of the LoRA (diffusers' attention_kwargs={"scale": S}); needs --lora.
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    pub lora_scale: f64,
     /// safetensors with tensor `noise` [B,C,h,w]: the initial latents (B = prompts × images).
     #[arg(long)]
     pub init_noise: Option<PathBuf>,
@@ -82,6 +89,28 @@ pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     }
 }
 
+/// Loads `--model` and, with `--lora`, the adapter (active, as diffusers' `load_lora_weights`).
+pub fn load_pipeline(
+    args: &GenerateArgs,
+    device: Device,
+    kind: Kind,
+) -> anyhow::Result<SanaPipeline> {
+    let t0 = Instant::now();
+    let mut pipe = SanaPipeline::from_pretrained(&args.model, device, kind)
+        .with_context(|| format!("loading pipeline {}", args.model.display()))?;
+    if let Some(lora) = &args.lora {
+        let format = pipe
+            .load_lora_weights(lora, "default")
+            .with_context(|| format!("loading LoRA {}", lora.display()))?;
+        tracing::info!(lora = %lora.display(), ?format, scale = args.lora_scale, "LoRA adapter active");
+    }
+    tracing::info!(
+        seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+        "pipeline loaded"
+    );
+    Ok(pipe)
+}
+
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = args.device.resolve()?;
     let kind = args
@@ -92,44 +121,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             Kind::Float
         });
-    let t0 = Instant::now();
-    let pipe = SanaPipeline::from_pretrained(&args.model, device, kind)
-        .with_context(|| format!("loading pipeline {}", args.model.display()))?;
-    tracing::info!(
-        seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
-        "pipeline loaded"
-    );
-    let init_noise = match &args.init_noise {
-        Some(p) => Some(
-            read_safetensors(p)?
-                .into_iter()
-                .find(|(n, _)| n == "noise")
-                .map(|(_, t)| t)
-                .with_context(|| format!("{}: missing tensor `noise`", p.display()))?,
-        ),
-        None => None,
-    };
-    let mut req = GenerateRequest {
-        prompts: args.prompts.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        height: args.height,
-        width: args.width,
-        num_images_per_prompt: args.num_images,
-        sampler: match args.sampler {
-            SamplerArg::Dpm => Sampler::Dpm,
-            SamplerArg::Euler => Sampler::Euler,
-        },
-        seed: args.seed,
-        init_noise,
-        use_resolution_binning: !args.no_resolution_binning,
-        ..Default::default()
-    };
-    req.prompt_options.max_sequence_length = args.max_sequence_length;
-    if args.no_complex_human_instruction {
-        req.prompt_options.complex_human_instruction = None;
-    }
+    let pipe = load_pipeline(&args, device, kind)?;
+    let req = build_request(&args)?;
 
     let bar = ProgressBar::new(args.steps as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise}")
@@ -159,4 +152,163 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     tracing::info!(images = n, seconds = format!("{secs:.2}"), "done");
     Ok(())
+}
+
+/// The `SanaPipeline.__call__` arguments the flags ask for.
+pub fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
+    let init_noise = match &args.init_noise {
+        Some(p) => Some(
+            read_safetensors(p)?
+                .into_iter()
+                .find(|(n, _)| n == "noise")
+                .map(|(_, t)| t)
+                .with_context(|| format!("{}: missing tensor `noise`", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut req = GenerateRequest {
+        prompts: args.prompts.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        height: args.height,
+        width: args.width,
+        num_images_per_prompt: args.num_images,
+        sampler: match args.sampler {
+            SamplerArg::Dpm => Sampler::Dpm,
+            SamplerArg::Euler => Sampler::Euler,
+        },
+        seed: args.seed,
+        init_noise,
+        use_resolution_binning: !args.no_resolution_binning,
+        lora_scale: args.lora_scale,
+        ..Default::default()
+    };
+    req.prompt_options.max_sequence_length = args.max_sequence_length;
+    if args.no_complex_human_instruction {
+        req.prompt_options.complex_human_instruction = None;
+    }
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::lora::ActiveAdapter;
+    use crate::testing::{load_named, max_abs_diff, parity_case};
+
+    /// `sana generate --lora DIR --lora-scale S` against diffusers' `SanaPipeline` with
+    /// the same adapter loaded (scripts/parity/lora.py, case `lora_pipeline`).
+    fn check(case: &str) {
+        let Some(dir) = parity_case("lora_pipeline") else {
+            return;
+        };
+        let cases: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
+        let c = &cases[case];
+        let reference = load_named(&dir.join(format!("{case}.safetensors")));
+        let tmp = tempfile::tempdir().unwrap();
+        let noise = tmp.path().join("noise.safetensors");
+        Tensor::write_safetensors(&[("noise", &reference["noise"])], &noise).unwrap();
+        let s = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let mut argv: Vec<String> = ["sana", "generate", "--model"].map(String::from).to_vec();
+        argv.push(dir.join("pipeline").display().to_string());
+        for p in c["prompts"].as_array().unwrap() {
+            argv.extend(["--prompt".into(), s(p)]);
+        }
+        for (flag, key) in [
+            ("--negative-prompt", "negative_prompt"),
+            ("--steps", "steps"),
+            ("--guidance-scale", "guidance_scale"),
+            ("--height", "height"),
+            ("--width", "width"),
+            ("--sampler", "sampler"),
+            ("--lora-scale", "lora_scale"),
+        ] {
+            argv.extend([flag.into(), s(&c[key])]);
+        }
+        argv.extend([
+            "--lora".into(),
+            dir.join(s(&c["lora"])).display().to_string(),
+        ]);
+        argv.extend(["--init-noise".into(), noise.display().to_string()]);
+        argv.extend(
+            [
+                "--no-resolution-binning",
+                "--device",
+                "cpu",
+                "--dtype",
+                "fp32",
+            ]
+            .map(String::from),
+        );
+        let Command::Generate(args) = Cli::try_parse_from(&argv).unwrap().command else {
+            panic!("not a generate command")
+        };
+        let pipe = load_pipeline(&args, Device::Cpu, Kind::Float).unwrap();
+        let req = build_request(&args).unwrap();
+        let out = pipe.generate(&req, |_, _| {}).unwrap();
+        let lat_err = max_abs_diff(&out.latents, &reference["latents"]);
+        let img_err = max_abs_diff(&out.images, &reference["images"]);
+        eprintln!(
+            "generate --lora {case}: latents max abs err {lat_err:.3e}, images {img_err:.3e}"
+        );
+        assert!(
+            img_err <= 1e-3,
+            "{case}: image max abs error {img_err:e} > 1e-3"
+        );
+        assert_eq!(
+            pipe.transformer.lora.scale(),
+            1.0,
+            "the per-call scale is restored"
+        );
+
+        // Without the adapter the same call must miss the reference (the LoRA matters).
+        pipe.transformer
+            .lora
+            .set_active(ActiveAdapter::Disabled)
+            .unwrap();
+        let base = pipe.generate(&req, |_, _| {}).unwrap();
+        let err = max_abs_diff(&base.images, &reference["images"]);
+        eprintln!("generate without the LoRA {case}: images max abs err {err:.3e}");
+        assert!(
+            err > 1e-3,
+            "the adapter made no visible difference ({err:e})"
+        );
+    }
+
+    #[test]
+    fn lora_parity_peft_folder_dpm_cfg() {
+        check("dpm_cfg");
+    }
+
+    #[test]
+    fn lora_parity_diffusers_file_scaled_euler() {
+        check("euler_scaled");
+    }
+
+    #[test]
+    fn lora_scale_needs_lora() {
+        let err = Cli::try_parse_from([
+            "sana",
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "p",
+            "--lora-scale",
+            "0.5",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--lora"), "{err}");
+        Cli::try_parse_from(["sana", "generate", "--model", "m", "--prompt", "p"]).unwrap();
+    }
 }

@@ -10,7 +10,7 @@ use regex::Regex;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config_json::parse_json_object;
+use crate::config_json::{parse_json_object, quote_non_finite_tokens};
 use crate::{Result, SanaError};
 
 /// The PEFT release whose config layout, defaults and matching rules we follow.
@@ -257,34 +257,53 @@ impl LoraConfig {
         }
     }
 
-    /// Reads a JSON object (`adapter_config.json`, or diffusers' LoRA metadata with its
-    /// `transformer.` prefix removed); `source` names the file in errors.
-    pub fn from_json_map(map: &serde_json::Map<String, serde_json::Value>, source: &Path) -> Result<Self> {
-        let config: LoraConfig = match serde_json::from_value(map.clone().into()) {
-            Ok(c) => c,
-            Err(e) => {
-                // `#[serde(flatten)]` hides the key path of an error: find the key by
-                // reading the keys one at a time.
-                for (k, v) in map {
-                    let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
-                    if let Err(e) = serde_json::from_value::<LoraConfig>(one) {
-                        return Err(SanaError::config(source, k, e.to_string()));
-                    }
-                }
-                return Err(SanaError::config(source, "", e.to_string()));
-            }
-        };
+    /// Reads a JSON object (diffusers' LoRA metadata with its `transformer.` prefix
+    /// removed); `source` names the file in errors. The map is sorted by key, as
+    /// PEFT and diffusers write it (`sort_keys=True`), so pattern order is theirs.
+    pub fn from_json_map(
+        map: &serde_json::Map<String, serde_json::Value>,
+        source: &Path,
+    ) -> Result<Self> {
+        let config: LoraConfig = serde_json::from_value(map.clone().into())
+            .map_err(|e| Self::locate_error(map, source, e))?;
         config
             .validate()
             .map_err(|(key, msg)| SanaError::config(source, key, msg))?;
         Ok(config)
     }
 
+    /// Reads JSON text (`adapter_config.json`), keeping `rank_pattern`/`alpha_pattern`
+    /// in the order written (PEFT takes the first matching pattern).
+    pub fn from_json_str(text: &str, source: &Path) -> Result<Self> {
+        let map = parse_json_object(text, source)?;
+        let config: LoraConfig = serde_json::from_str(&quote_non_finite_tokens(text))
+            .map_err(|e| Self::locate_error(&map, source, e))?;
+        config
+            .validate()
+            .map_err(|(key, msg)| SanaError::config(source, key, msg))?;
+        Ok(config)
+    }
+
+    /// `#[serde(flatten)]` hides the key path of an error: find the key by reading
+    /// the keys one at a time.
+    fn locate_error(
+        map: &serde_json::Map<String, serde_json::Value>,
+        source: &Path,
+        e: serde_json::Error,
+    ) -> SanaError {
+        for (k, v) in map {
+            let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
+            if let Err(e) = serde_json::from_value::<LoraConfig>(one) {
+                return SanaError::config(source, k, e.to_string());
+            }
+        }
+        SanaError::config(source, "", e.to_string())
+    }
+
     /// Reads PEFT's `adapter_config.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| SanaError::io(path, e))?;
-        let map = parse_json_object(&text, path)?;
-        Self::from_json_map(&map, path)
+        Self::from_json_str(&text, path)
     }
 
     /// Checks what PEFT would reject, and PEFT features sana-rl does not implement:
@@ -295,7 +314,10 @@ impl LoraConfig {
             return err("r", format!("must be a positive integer, got {}", self.r));
         }
         if !self.lora_alpha.is_finite() {
-            return err("lora_alpha", format!("must be finite, got {}", self.lora_alpha));
+            return err(
+                "lora_alpha",
+                format!("must be finite, got {}", self.lora_alpha),
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return err(
@@ -316,12 +338,18 @@ impl LoraConfig {
         }
         for (k, r) in &self.rank_pattern.0 {
             if *r <= 0 {
-                return err("rank_pattern", format!("rank {r} for {k:?} must be positive"));
+                return err(
+                    "rank_pattern",
+                    format!("rank {r} for {k:?} must be positive"),
+                );
             }
         }
         for (k, a) in &self.alpha_pattern.0 {
             if !a.is_finite() {
-                return err("alpha_pattern", format!("alpha {a} for {k:?} must be finite"));
+                return err(
+                    "alpha_pattern",
+                    format!("alpha {a} for {k:?} must be finite"),
+                );
             }
         }
         // PEFT's __post_init__ checks.
@@ -362,10 +390,11 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// The (rank, alpha) PEFT gives the module `key`.
-    pub fn rank_and_alpha(&self, key: &str) -> (i64, f64) {
-        let m = TargetMatcher::new(self, &[]).expect("validated config");
-        (m.rank(key), m.alpha(key))
+    /// The (rank, alpha) PEFT gives the module `key` (`rank_pattern` / `alpha_pattern`,
+    /// else `r` / `lora_alpha`); `Err((key, message))` for a pattern that does not compile.
+    pub fn rank_and_alpha(&self, key: &str) -> std::result::Result<(i64, f64), (String, String)> {
+        let m = TargetMatcher::new(self, &[])?;
+        Ok((m.rank(key), m.alpha(key)))
     }
 }
 
@@ -414,17 +443,18 @@ impl TargetMatcher {
         cfg: &LoraConfig,
         linear_names: &[String],
     ) -> std::result::Result<Self, (String, String)> {
-        let build = |key: &str, t: &TargetModules| -> std::result::Result<Targets, (String, String)> {
-            Ok(match t {
-                TargetModules::Names(v) => Targets::Names(v.clone()),
-                t if t.is_all_linear() && key == "target_modules" => {
-                    Targets::AllLinear(linear_names.to_vec())
-                }
-                TargetModules::Regex(p) => {
-                    Targets::Regex(compile(key, &format!("^(?:{p})$"), &format!("{p:?}"))?)
-                }
-            })
-        };
+        let build =
+            |key: &str, t: &TargetModules| -> std::result::Result<Targets, (String, String)> {
+                Ok(match t {
+                    TargetModules::Names(v) => Targets::Names(v.clone()),
+                    t if t.is_all_linear() && key == "target_modules" => {
+                        Targets::AllLinear(linear_names.to_vec())
+                    }
+                    TargetModules::Regex(p) => {
+                        Targets::Regex(compile(key, &format!("^(?:{p})$"), &format!("{p:?}"))?)
+                    }
+                })
+            };
         let targets = build(
             "target_modules",
             cfg.target_modules
@@ -461,7 +491,8 @@ impl TargetMatcher {
                 Some((idx, pats))
             }
         };
-        let pattern = |key: &str, k: &str| compile(key, &format!(r"^(.*\.)?({k})$"), &format!("{k:?}"));
+        let pattern =
+            |key: &str, k: &str| compile(key, &format!(r"^(.*\.)?({k})$"), &format!("{k:?}"));
         let rank = cfg
             .rank_pattern
             .0
@@ -559,8 +590,7 @@ mod tests {
     use super::*;
 
     fn cfg(json: &str) -> Result<LoraConfig> {
-        let map = parse_json_object(json, Path::new("adapter_config.json"))?;
-        LoraConfig::from_json_map(&map, Path::new("adapter_config.json"))
+        LoraConfig::from_json_str(json, Path::new("adapter_config.json"))
     }
 
     #[test]
@@ -579,8 +609,15 @@ mod tests {
         let c = cfg(toml_like).unwrap();
         assert_eq!(c.init_lora_weights, InitLoraWeights::Gaussian);
         assert_eq!(c.rank_pattern.0, vec![("to_q".to_string(), 2)]);
-        assert_eq!(c.rank_and_alpha("transformer_blocks.0.attn1.to_q"), (2, 3.5));
-        assert_eq!(c.rank_and_alpha("transformer_blocks.0.attn1.to_out.0"), (4, 4.0));
+        assert_eq!(
+            c.rank_and_alpha("transformer_blocks.0.attn1.to_q").unwrap(),
+            (2, 3.5)
+        );
+        assert_eq!(
+            c.rank_and_alpha("transformer_blocks.0.attn1.to_out.0")
+                .unwrap(),
+            (4, 4.0)
+        );
         assert!(c.other.contains_key("lora_names"));
     }
 
@@ -589,14 +626,29 @@ mod tests {
         for (json, key) in [
             (r#"{"r": 0, "target_modules": ["to_q"]}"#, "r"),
             (r#"{"r": "four", "target_modules": ["to_q"]}"#, "r"),
-            (r#"{"target_modules": ["to_q"], "use_dora": true}"#, "use_dora"),
-            (r#"{"target_modules": ["to_q"], "init_lora_weights": "pissa"}"#, "init_lora_weights"),
+            (
+                r#"{"target_modules": ["to_q"], "use_dora": true}"#,
+                "use_dora",
+            ),
+            (
+                r#"{"target_modules": ["to_q"], "init_lora_weights": "pissa"}"#,
+                "init_lora_weights",
+            ),
             (r#"{"target_modules": ["to_q"], "bias": "all"}"#, "bias"),
             (r#"{"r": 4}"#, "target_modules"),
             (r#"{"target_modules": "(unclosed"}"#, "target_modules"),
-            (r#"{"target_modules": ["to_q"], "rank_pattern": {"to_q": 0}}"#, "rank_pattern"),
-            (r#"{"target_modules": ".*", "layers_to_transform": 0}"#, "layers_to_transform"),
-            (r#"{"target_modules": ["to_q"], "peft_type": "LOHA"}"#, "peft_type"),
+            (
+                r#"{"target_modules": ["to_q"], "rank_pattern": {"to_q": 0}}"#,
+                "rank_pattern",
+            ),
+            (
+                r#"{"target_modules": ".*", "layers_to_transform": 0}"#,
+                "layers_to_transform",
+            ),
+            (
+                r#"{"target_modules": ["to_q"], "peft_type": "LOHA"}"#,
+                "peft_type",
+            ),
         ] {
             let msg = cfg(json).unwrap_err().to_string();
             assert!(
@@ -610,8 +662,14 @@ mod tests {
     fn peft_matching_rules() {
         let c = cfg(r#"{"target_modules": ["to_q", "attn2.to_k", "proj_out"]}"#).unwrap();
         let m = TargetMatcher::new(&c, &[]).unwrap();
-        assert_eq!(m.check("transformer_blocks.0.attn1.to_q"), TargetMatch::Target);
-        assert_eq!(m.check("transformer_blocks.0.attn2.to_k"), TargetMatch::Target);
+        assert_eq!(
+            m.check("transformer_blocks.0.attn1.to_q"),
+            TargetMatch::Target
+        );
+        assert_eq!(
+            m.check("transformer_blocks.0.attn2.to_k"),
+            TargetMatch::Target
+        );
         assert_eq!(m.check("transformer_blocks.0.attn1.to_k"), TargetMatch::No);
         assert_eq!(m.check("proj_out"), TargetMatch::Target);
         // A suffix is a whole `.`-separated tail, not a substring.
@@ -619,8 +677,14 @@ mod tests {
 
         let c = cfg(r#"{"target_modules": ".*attn2\\.(to_q|to_v)"}"#).unwrap();
         let m = TargetMatcher::new(&c, &[]).unwrap();
-        assert_eq!(m.check("transformer_blocks.1.attn2.to_v"), TargetMatch::Target);
-        assert_eq!(m.check("transformer_blocks.1.attn2.to_v.x"), TargetMatch::No);
+        assert_eq!(
+            m.check("transformer_blocks.1.attn2.to_v"),
+            TargetMatch::Target
+        );
+        assert_eq!(
+            m.check("transformer_blocks.1.attn2.to_v.x"),
+            TargetMatch::No
+        );
 
         let c = cfg(
             r#"{"target_modules": ["to_q", "transformer_blocks.1.attn2.to_q"],
@@ -629,9 +693,15 @@ mod tests {
         )
         .unwrap();
         let m = TargetMatcher::new(&c, &[]).unwrap();
-        assert_eq!(m.check("transformer_blocks.0.attn1.to_q"), TargetMatch::Target);
+        assert_eq!(
+            m.check("transformer_blocks.0.attn1.to_q"),
+            TargetMatch::Target
+        );
         assert_eq!(m.check("transformer_blocks.1.attn1.to_q"), TargetMatch::No);
-        assert_eq!(m.check("transformer_blocks.0.attn2.to_q"), TargetMatch::Excluded);
+        assert_eq!(
+            m.check("transformer_blocks.0.attn2.to_q"),
+            TargetMatch::Excluded
+        );
 
         // Without layers_pattern PEFT's default index regex needs `a.b.<idx>.`, which
         // diffusers' `transformer_blocks.<idx>.` names do not have: nothing matches.
@@ -639,14 +709,15 @@ mod tests {
         let m = TargetMatcher::new(&c, &[]).unwrap();
         assert_eq!(m.check("transformer_blocks.0.attn1.to_q"), TargetMatch::No);
 
-        let c = cfg(
-            r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
-                "rank_pattern": {"^transformer_blocks.1.attn1.to_q": 6, "to_q": 2}}"#,
-        )
+        let c = cfg(r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                "rank_pattern": {"^transformer_blocks.1.attn1.to_q": 6, "to_q": 2}}"#)
         .unwrap();
         let names = vec!["transformer_blocks.1.attn1.to_q".to_string()];
         let m = TargetMatcher::new(&c, &names).unwrap();
-        assert_eq!(m.check("transformer_blocks.1.attn1.to_q"), TargetMatch::Target);
+        assert_eq!(
+            m.check("transformer_blocks.1.attn1.to_q"),
+            TargetMatch::Target
+        );
         assert_eq!(m.check("transformer_blocks.0.attn1.to_q"), TargetMatch::No);
         assert_eq!(m.rank("transformer_blocks.1.attn1.to_q"), 6);
         assert_eq!(m.rank("transformer_blocks.0.attn1.to_q"), 2);

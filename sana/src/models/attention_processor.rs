@@ -96,6 +96,11 @@ impl Attention {
         }
     }
 
+    /// Its Linears in `named_modules()` order.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        vec![&self.to_q, &self.to_k, &self.to_v, &self.to_out]
+    }
+
     fn qkv(
         &self,
         hidden_states: &Tensor,

@@ -78,6 +78,11 @@ impl TimestepEmbedding {
     pub fn forward(&self, sample: &Tensor) -> Tensor {
         self.linear_2.forward(&self.linear_1.forward(sample).silu())
     }
+
+    /// Its Linears in `named_modules()` order.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        vec![&self.linear_1, &self.linear_2]
+    }
 }
 
 /// diffusers' `PixArtAlphaCombinedTimestepSizeEmbeddings` without the additional
@@ -110,6 +115,10 @@ impl PixArtAlphaCombinedTimestepSizeEmbeddings {
         let proj = self.time_proj.forward(timestep);
         self.timestep_embedder.forward(&proj.to_kind(hidden_kind))
     }
+
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        self.timestep_embedder.linears()
+    }
 }
 
 /// diffusers' `PixArtAlphaTextProjection` with the default tanh-GELU.
@@ -130,6 +139,10 @@ impl PixArtAlphaTextProjection {
     pub fn forward(&self, caption: &Tensor) -> Tensor {
         self.linear_2
             .forward(&self.linear_1.forward(caption).gelu("tanh"))
+    }
+
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        vec![&self.linear_1, &self.linear_2]
     }
 }
 

@@ -67,4 +67,11 @@ impl AdaLayerNormSingle {
         let embedded = self.emb.forward(timestep, hidden_kind);
         (self.linear.forward(&embedded.silu()), embedded)
     }
+
+    /// Its Linears in `named_modules()` order.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.emb.linears();
+        v.push(&self.linear);
+        v
+    }
 }

@@ -10,6 +10,7 @@ use super::aspect_ratio_bins::{
 };
 use super::denoise::{denoise, Conditioning, DenoiseRequest};
 use super::text_encoding::{PromptOptions, SanaTextEncoder};
+use crate::lora::AdapterFormat;
 use crate::models::autoencoders::autoencoder_dc::AutoencoderDC;
 use crate::models::modeling_utils::parse_json;
 use crate::models::SanaTransformer2DModel;
@@ -45,6 +46,9 @@ pub struct GenerateRequest {
     pub init_noise: Option<Tensor>,
     pub use_resolution_binning: bool,
     pub prompt_options: PromptOptions,
+    /// diffusers' `attention_kwargs={"scale": s}`: multiplies the active LoRA adapter's
+    /// scaling for this call (no effect without an adapter).
+    pub lora_scale: f64,
 }
 
 impl Default for GenerateRequest {
@@ -62,6 +66,7 @@ impl Default for GenerateRequest {
             init_noise: None,
             use_resolution_binning: true,
             prompt_options: PromptOptions::default(),
+            lora_scale: 1.0,
         }
     }
 }
@@ -159,8 +164,30 @@ impl SanaPipeline {
         classify_height_width_bin(height, width, table)
     }
 
+    /// diffusers' `load_lora_weights`: loads a LoRA adapter (a PEFT folder or diffusers'
+    /// `pytorch_lora_weights.safetensors`) into the transformer as `adapter_name` and
+    /// makes it the active one.
+    pub fn load_lora_weights(&mut self, path: &Path, adapter_name: &str) -> Result<AdapterFormat> {
+        let format = self.transformer.lora.load_adapter(adapter_name, path)?;
+        self.transformer.lora.set_active(adapter_name)?;
+        Ok(format)
+    }
+
     /// Text to image; `on_step(i, total)` after each denoising step.
     pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: impl FnMut(usize, usize),
+    ) -> Result<GenerateOutput> {
+        let lora = &self.transformer.lora;
+        let previous_scale = lora.scale();
+        lora.set_scale(req.lora_scale)?;
+        let out = self.generate_inner(req, on_step);
+        lora.set_scale(previous_scale)?;
+        out
+    }
+
+    fn generate_inner(
         &self,
         req: &GenerateRequest,
         on_step: impl FnMut(usize, usize),

@@ -28,7 +28,7 @@ impl Ema {
     /// ema += (1 - decay_k) (param - ema), every `update_step_interval` optimizer steps.
     pub fn step(&mut self, params: &[Tensor], step: u64) {
         let one_minus = 1.0 - self.current_decay(step);
-        if (step + 1) % self.update_step_interval != 0 {
+        if !(step + 1).is_multiple_of(self.update_step_interval) {
             return;
         }
         tch::no_grad(|| {

@@ -54,7 +54,11 @@ impl LrSchedule {
             warmup as u64
         };
         if warmup_steps > training_steps {
-            tracing::warn!(warmup_steps, training_steps, "warm-up longer than training; clamped");
+            tracing::warn!(
+                warmup_steps,
+                training_steps,
+                "warm-up longer than training; clamped"
+            );
             warmup_steps = training_steps;
         }
         let decay_steps = match decay_ratio {

@@ -52,18 +52,28 @@ pub fn reward_weight(adv: &Tensor, cfg: &NftLossConfig) -> Tensor {
     ((adv.clamp(cfg.adv_low, cfg.adv_high) / cfg.adv_high) / 2.0 + 0.5).clamp(0.0, 1.0)
 }
 
-/// The NFT loss. `t` is `timesteps / 1000` (`[B]`), `xt` the noised latents the
-/// forwards saw, `v` the trained prediction (grad), `v_old` / `v_ref` detached.
-pub fn nft_loss(
-    cfg: &NftLossConfig,
-    x0: &Tensor,
-    xt: &Tensor,
-    t: &Tensor,
-    adv: &Tensor,
-    v: &Tensor,
-    v_old: &Tensor,
-    v_ref: &Tensor,
-) -> NftTerms {
+/// One mini-batch at one timestep: clean latents, the noised latents the forwards
+/// saw, `t = timesteps / 1000` (`[B]`) and the advantages (`[B]`).
+pub struct NftSample<'a> {
+    pub x0: &'a Tensor,
+    pub xt: &'a Tensor,
+    pub t: &'a Tensor,
+    pub adv: &'a Tensor,
+}
+
+/// The three velocity predictions: trained ("default", with grad), "old" and
+/// reference (adapters disabled), the last two without grad.
+pub struct NftPredictions<'a> {
+    pub v: &'a Tensor,
+    pub v_old: &'a Tensor,
+    pub v_ref: &'a Tensor,
+}
+
+/// The NFT loss and metrics.
+pub fn nft_loss(cfg: &NftLossConfig, s: &NftSample<'_>, p: &NftPredictions<'_>) -> NftTerms {
+    let (x0, xt, t, adv) = (s.x0, s.xt, s.t, s.adv);
+    let (v, v_ref) = (p.v, p.v_ref);
+    let v_old = p.v_old;
     let beta = cfg.beta;
     let te = expand_like(t, x0);
     let v_old = v_old.detach();
@@ -96,7 +106,11 @@ pub fn nft_loss(
         let x0_sq = x0.square();
         let dev = (v - &v_old).square();
         let old_kl = mean_non_batch(&(&v_old - v_ref).square()).mean(None);
-        ((f(&x0_sq.mean(None)), f(&x0_sq.max())), (f(&dev.mean(None)), f(&dev.max())), f(&old_kl))
+        (
+            (f(&x0_sq.mean(None)), f(&x0_sq.max())),
+            (f(&dev.mean(None)), f(&dev.max())),
+            f(&old_kl),
+        )
     });
     NftTerms {
         policy_loss: f(&policy),
@@ -157,7 +171,18 @@ mod tests {
         };
         let v = x["v"].detach().set_requires_grad(true);
         let xt = noised(&x["x0"], &x["t"], &x["eps"]);
-        let terms = nft_loss(&cfg, &x["x0"], &xt, &x["t"], &x["adv"], &v, &x["v_old"], &x["v_ref"]);
+        let sample = NftSample {
+            x0: &x["x0"],
+            xt: &xt,
+            t: &x["t"],
+            adv: &x["adv"],
+        };
+        let preds = NftPredictions {
+            v: &v,
+            v_old: &x["v_old"],
+            v_ref: &x["v_ref"],
+        };
+        let terms = nft_loss(&cfg, &sample, &preds);
         terms.loss.backward();
         let rel = |got: f64, name: &str| {
             let w = want[name].double_value(&[]);

@@ -13,8 +13,13 @@ use crate::{Result, SanaError};
 /// diffusers' `weighting_scheme` for timestep sampling.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum WeightingScheme {
-    LogitNormal { mean: f64, std: f64 },
-    Mode { scale: f64 },
+    LogitNormal {
+        mean: f64,
+        std: f64,
+    },
+    Mode {
+        scale: f64,
+    },
     /// "cosmap", "none" and anything else: uniform u (diffusers applies cosmap as a loss weight only).
     Uniform,
 }
@@ -39,7 +44,10 @@ impl WeightingScheme {
     pub fn sample(&self, batch: i64) -> Tensor {
         let opts = (Kind::Float, tch::Device::Cpu);
         match *self {
-            Self::LogitNormal { mean, std } => Tensor::randn([batch], opts).g_mul_scalar(std).g_add_scalar(mean).sigmoid(),
+            Self::LogitNormal { mean, std } => Tensor::randn([batch], opts)
+                .g_mul_scalar(std)
+                .g_add_scalar(mean)
+                .sigmoid(),
             Self::Mode { scale } => {
                 let u = Tensor::rand([batch], opts);
                 let c = (&u * (std::f64::consts::PI / 2.0)).cos().square();
@@ -85,7 +93,11 @@ impl SftTimesteps {
         let n = self.timesteps.len();
         let t = self.timesteps[n - 1 - index.min(n - 1)];
         let matches: Vec<usize> = (0..n).filter(|&i| self.timesteps[i] == t).collect();
-        let pos = if matches.len() > 1 { matches[1] } else { matches[0] };
+        let pos = if matches.len() > 1 {
+            matches[1]
+        } else {
+            matches[0]
+        };
         (t, self.sigmas[pos])
     }
 
@@ -96,7 +108,10 @@ impl SftTimesteps {
             .iter()
             .map(|&u| self.at((u as f64 * self.len() as f64) as usize))
             .unzip();
-        (Tensor::from_slice(&ts).to_kind(Kind::Float), Tensor::from_slice(&ss).to_kind(Kind::Float))
+        (
+            Tensor::from_slice(&ts).to_kind(Kind::Float),
+            Tensor::from_slice(&ss).to_kind(Kind::Float),
+        )
     }
 }
 
@@ -104,7 +119,10 @@ impl SftTimesteps {
 pub fn sft_inputs(x0: &Tensor, sigmas: &Tensor, noise: &Tensor) -> (Tensor, Tensor) {
     let mut shape = vec![-1i64];
     shape.extend(std::iter::repeat_n(1, x0.dim() - 1));
-    let s = sigmas.to_device(x0.device()).to_kind(x0.kind()).view(shape.as_slice());
+    let s = sigmas
+        .to_device(x0.device())
+        .to_kind(x0.kind())
+        .view(shape.as_slice());
     let xt = (-&s + 1.0) * x0 + &s * noise;
     (xt, noise - x0)
 }
@@ -138,7 +156,10 @@ mod tests {
             WeightingScheme::parse("cosmap", 0.0, 1.0, 1.29).unwrap(),
         ] {
             let u = w.sample(256);
-            assert!(u.min().double_value(&[]) >= 0.0 && u.max().double_value(&[]) <= 1.0, "{w:?}");
+            assert!(
+                u.min().double_value(&[]) >= 0.0 && u.max().double_value(&[]) <= 1.0,
+                "{w:?}"
+            );
         }
         assert!(WeightingScheme::parse("bogus", 0.0, 1.0, 1.0).is_err());
     }
@@ -148,6 +169,12 @@ mod tests {
         let x0 = Tensor::randn([2, 3, 4, 4], (Kind::Float, tch::Device::Cpu));
         let noise = Tensor::randn([2, 3, 4, 4], (Kind::Float, tch::Device::Cpu));
         let (_, target) = sft_inputs(&x0, &Tensor::from_slice(&[0.3f32, 0.9]), &noise);
-        assert_eq!(sft_loss(&(&noise - &x0), &target).abs().max().double_value(&[]), 0.0);
+        assert_eq!(
+            sft_loss(&(&noise - &x0), &target)
+                .abs()
+                .max()
+                .double_value(&[]),
+            0.0
+        );
     }
 }

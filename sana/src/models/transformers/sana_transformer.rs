@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::lora::LoraAdapters;
 use crate::models::attention_processor::{
     mask_to_bias, Attention, AttentionConfig, Processor, QkNorm,
 };
@@ -219,6 +220,22 @@ enum TimeEmbed {
 }
 
 impl TimeEmbed {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            TimeEmbed::Single(ada) => ada.linears(),
+            TimeEmbed::Guidance {
+                timestep_embedder,
+                guidance_embedder,
+                linear,
+            } => {
+                let mut v = timestep_embedder.linears();
+                v.extend(guidance_embedder.linears());
+                v.push(linear);
+                v
+            }
+        }
+    }
+
     fn forward(
         &self,
         timestep: &Tensor,
@@ -318,6 +335,12 @@ impl SanaTransformerBlock {
         }
     }
 
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.attn1.linears();
+        v.extend(self.attn2.linears());
+        v
+    }
+
     /// `timestep`: the `[B, 6D]` modulation; `height`/`width`: the token grid.
     pub fn forward(
         &self,
@@ -367,10 +390,12 @@ pub struct TransformerInputs<'a> {
 }
 
 /// diffusers' `SanaTransformer2DModel`. Parameters live in `vs` under diffusers'
-/// names, so checkpoints load and save by name.
+/// names, so checkpoints load and save by name. LoRA adapters (PEFT's, on any of
+/// its Linears) live in `lora`, outside `vs`.
 pub struct SanaTransformer2DModel {
     pub config: SanaTransformerConfig,
     pub vs: nn::VarStore,
+    pub lora: LoraAdapters,
     patch_embed: PatchEmbed,
     time_embed: TimeEmbed,
     caption_projection: PixArtAlphaTextProjection,
@@ -423,7 +448,7 @@ impl SanaTransformer2DModel {
         );
         let caption_norm = RMSNorm::new(&root / "caption_norm", dim, 1e-5, true, false);
         let blocks = &root / "transformer_blocks";
-        let transformer_blocks = (0..config.num_layers)
+        let transformer_blocks: Vec<SanaTransformerBlock> = (0..config.num_layers)
             .map(|i| SanaTransformerBlock::new(&blocks / i, &config))
             .collect();
         let scale_shift_table = root.var(
@@ -436,9 +461,19 @@ impl SanaTransformer2DModel {
         );
         let p = config.patch_size;
         let proj_out = Linear::new(&root / "proj_out", dim, p * p * config.out_channels(), true);
+        // diffusers' `named_modules()` order: time_embed, caption_projection, blocks, proj_out.
+        let mut linears = time_embed.linears();
+        linears.extend(caption_projection.linears());
+        for b in &transformer_blocks {
+            linears.extend(SanaTransformerBlock::linears(b));
+        }
+        linears.push(&proj_out);
+        let slots = linears.into_iter().map(|l| l.lora_slot().clone()).collect();
+        let lora = LoraAdapters::new(slots, &vs);
         Ok(Self {
             config,
             vs,
+            lora,
             patch_embed,
             time_embed,
             caption_projection,
@@ -470,9 +505,10 @@ impl SanaTransformer2DModel {
         modeling_utils::save_pretrained(&self.vs, &self.config, dir)
     }
 
-    /// Casts all parameters (fp32 / bf16 / fp16).
+    /// Casts all parameters (fp32 / bf16 / fp16), LoRA adapters included.
     pub fn set_kind(&mut self, kind: Kind) {
         self.vs.set_kind(kind);
+        self.lora.set_kind(kind);
     }
 
     pub fn kind(&self) -> Kind {

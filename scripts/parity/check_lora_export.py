@@ -4,9 +4,11 @@ folder) with the real PEFT and diffusers, and checks that the transformer output
 equals the reference of a lora.py case. Run by the Rust test
 `lora::tests::export_loads_in_peft_and_diffusers`.
 
-Usage: check_lora_export.py CASE_DIR EXPORT_DIR [TOL]
+Usage: check_lora_export.py CASE_DIR EXPORT_DIR [TOL [EXPECTED]]
   CASE_DIR    OUT_DIR/lora_<case> written by lora.py (model/, inputs, outputs)
   EXPORT_DIR  adapter_config.json + adapter_model.safetensors + pytorch_lora_weights.safetensors
+  EXPECTED    outputs to compare with instead of CASE_DIR/outputs.safetensors (`active`, `scaled`;
+              sana-rl's own outputs for an adapter it trained)
 Exits 1 (printing the errors) when an output differs by more than TOL (default 1e-4).
 """
 
@@ -31,7 +33,7 @@ def main():
     case, export = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     tol = float(sys.argv[3]) if len(sys.argv) > 3 else 1e-4
     inputs = load_file(str(case / "inputs.safetensors"))
-    expected = load_file(str(case / "outputs.safetensors"))
+    expected = load_file(sys.argv[4] if len(sys.argv) > 4 else str(case / "outputs.safetensors"))
     reference = json.loads((case / "case.json").read_text())
     failures = []
 

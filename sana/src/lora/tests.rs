@@ -338,6 +338,50 @@ fn export_loads_in_peft_and_diffusers_list_patterns() {
     check_export("list_patterns");
 }
 
+/// An adapter made and changed in sana-rl (not read from PEFT's files) loads in PEFT
+/// and diffusers and gives sana-rl's output.
+#[test]
+fn own_adapter_export_loads_in_peft_and_diffusers() {
+    let Some(case) = Case::load("list_patterns") else {
+        return;
+    };
+    let mut model = case.model();
+    let config =
+        LoraConfig::from_json_file(&case.dir.join("adapter").join(PEFT_CONFIG_NAME)).unwrap();
+    tch::manual_seed(11);
+    model.lora.add_adapter("default", &config).unwrap();
+    randomize(&model, "default");
+    let scale = case.json["scale"].as_f64().unwrap();
+    let active = forward(&model, &case.inputs);
+    model.lora.set_scale(scale).unwrap();
+    let scaled = forward(&model, &case.inputs);
+    let out = tempfile::tempdir().unwrap();
+    model.lora.export("default", out.path()).unwrap();
+    let expected = out.path().join("expected.safetensors");
+    let (active, scaled) = (active.contiguous(), scaled.contiguous());
+    Tensor::write_safetensors(&[("active", &active), ("scaled", &scaled)], &expected).unwrap();
+    let Some(py) = python() else { return };
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/parity/check_lora_export.py"
+    );
+    let res = std::process::Command::new(py)
+        .arg(script)
+        .arg(&case.dir)
+        .arg(out.path())
+        .arg(TOL.to_string())
+        .arg(&expected)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    eprintln!("own adapter: check_lora_export.py:\n{stdout}");
+    assert!(
+        res.status.success(),
+        "PEFT/diffusers rejected our export:\n{stdout}\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
 #[test]
 fn export_loads_in_peft_and_diffusers_all_linear() {
     check_export("all_linear_rslora");

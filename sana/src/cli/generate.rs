@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 
 use super::sample::SamplerArg;
@@ -113,22 +112,11 @@ pub fn load_pipeline(
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = args.device.resolve()?;
-    let kind = args
-        .dtype
-        .map(DtypeArg::kind)
-        .unwrap_or(if device.is_cuda() {
-            Kind::BFloat16
-        } else {
-            Kind::Float
-        });
+    let kind = DtypeArg::or_default_for(args.dtype, device);
     let pipe = load_pipeline(&args, device, kind)?;
     let req = build_request(&args)?;
 
-    let bar = ProgressBar::new(args.steps as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise}")
-            .expect("valid template"),
-    );
-    bar.set_message("generating");
+    let bar = super::steps_bar(args.steps, "generating");
     let t1 = Instant::now();
     let out = pipe.generate(&req, |i, _| bar.set_position(i as u64))?;
     bar.finish();

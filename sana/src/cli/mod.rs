@@ -68,6 +68,15 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
+    /// The asked dtype, else bf16 on GPU and fp32 on CPU.
+    pub fn or_default_for(arg: Option<DtypeArg>, device: Device) -> Kind {
+        arg.map(DtypeArg::kind).unwrap_or(if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        })
+    }
+
     pub fn kind(self) -> Kind {
         match self {
             DtypeArg::Fp32 => Kind::Float,
@@ -75,6 +84,18 @@ impl DtypeArg {
             DtypeArg::Fp16 => Kind::Half,
         }
     }
+}
+
+/// The progress bar of the sampling commands: one tick per denoising step.
+pub fn steps_bar(steps: usize, message: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(message);
+    bar
 }
 
 /// Where relative default outputs go.

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 
 use super::{DeviceArg, DtypeArg};
@@ -107,14 +106,7 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<()> {
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let device = args.device.resolve()?;
-    let kind = args
-        .dtype
-        .map(DtypeArg::kind)
-        .unwrap_or(if device.is_cuda() {
-            Kind::BFloat16
-        } else {
-            Kind::Float
-        });
+    let kind = DtypeArg::or_default_for(args.dtype, device);
     tch::manual_seed(args.seed);
     let model = match &args.model {
         Some(dir) => SanaTransformer2DModel::from_pretrained(dir, device, kind)
@@ -151,11 +143,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let mask = Tensor::ones([b, args.caption_len], (Kind::Int64, device));
     let neg_embeds = Tensor::zeros([b, args.caption_len, cfg.caption_channels], fopts);
 
-    let bar = ProgressBar::new(args.steps as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise}")
-            .expect("valid template"),
-    );
-    bar.set_message("sampling");
+    let bar = super::steps_bar(args.steps, "sampling");
     let start = Instant::now();
     let out = denoise(
         &model,

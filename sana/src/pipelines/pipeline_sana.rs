@@ -9,7 +9,7 @@ use super::aspect_ratio_bins::{
     ASPECT_RATIO_1024_BIN, ASPECT_RATIO_2048_BIN, ASPECT_RATIO_4096_BIN, ASPECT_RATIO_512_BIN,
 };
 use super::denoise::{denoise, Conditioning, DenoiseRequest};
-use super::text_encoding::{PromptOptions, SanaTextEncoder};
+use super::text_encoding::{sub_folder, PromptOptions, SanaTextEncoder};
 use crate::lora::AdapterFormat;
 use crate::models::autoencoders::autoencoder_dc::AutoencoderDC;
 use crate::models::modeling_utils::parse_json;
@@ -85,21 +85,6 @@ pub struct SanaPipeline {
     pub vae: AutoencoderDC,
     pub scheduler_config: PathBuf,
     pub flow_shift: f64,
-}
-
-fn sub_folder(dir: &Path, name: &str) -> Result<PathBuf> {
-    let sub = dir.join(name);
-    if sub.is_dir() {
-        Ok(sub)
-    } else {
-        Err(SanaError::io(
-            &sub,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("missing sub-folder `{name}/` of the SANA pipeline directory"),
-            ),
-        ))
-    }
 }
 
 impl SanaPipeline {

@@ -312,7 +312,8 @@ pub struct SanaTextEncoder {
 }
 
 /// `<pipeline>/<name>/`, or an error naming the missing sub-folder.
-fn sub_folder(pipeline_dir: &Path, name: &str) -> Result<PathBuf> {
+/// `<pipeline_dir>/<name>`, or an error naming the missing sub-folder.
+pub(crate) fn sub_folder(pipeline_dir: &Path, name: &str) -> Result<PathBuf> {
     let dir = pipeline_dir.join(name);
     if dir.is_dir() {
         return Ok(dir);
@@ -321,7 +322,10 @@ fn sub_folder(pipeline_dir: &Path, name: &str) -> Result<PathBuf> {
         &dir,
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            format!("missing sub-folder `{name}/`: a SANA diffusers pipeline has tokenizer/ and text_encoder/"),
+            format!(
+                "missing sub-folder `{name}/` of the SANA pipeline directory (transformer/, vae/, \
+                 text_encoder/, tokenizer/, scheduler/)"
+            ),
         ),
     ))
 }

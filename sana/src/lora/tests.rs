@@ -472,6 +472,8 @@ fn merge_matches_unmerged_and_unmerge_restores() {
 // ---- The API on a tiny model (no references needed). ----
 
 fn tiny() -> SanaTransformer2DModel {
+    // Fixed weights, so the numeric bounds of these tests never depend on the draw.
+    tch::manual_seed(11);
     let cfg = SanaTransformerConfig {
         in_channels: 4,
         out_channels: Some(4),

@@ -66,6 +66,7 @@ def write_training_cases(out_dir: pathlib.Path) -> None:
     save_file(out, str(d / "outputs.safetensors"))
     (d / "case.json").write_text(json.dumps(CFG))
     write_adamw_case(out_dir)
+    write_sft_noise_case(out_dir)
 
 
 def write_adamw_case(out_dir: pathlib.Path) -> None:
@@ -91,6 +92,29 @@ def write_adamw_case(out_dir: pathlib.Path) -> None:
     save_file(tensors, str(d / "trace.safetensors"))
     (d / "case.json").write_text(json.dumps({"lrs": lrs, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05,
                                              "max_norm": 1.0}))
+
+
+def write_sft_noise_case(out_dir: pathlib.Path) -> None:
+    """Cosmos-RL's SanaModel.add_noise: the pipeline scheduler at num_train_timesteps,
+    timestep_map = flip(timesteps), scheduler.add_noise(x0, noise, timestep_map[idx])."""
+    import sys as _sys
+    _sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from diffusers import DPMSolverMultistepScheduler
+    import pipeline
+
+    d = out_dir / "training_sft_noise"
+    d.mkdir(parents=True, exist_ok=True)
+    sched = DPMSolverMultistepScheduler(**pipeline.SANA_SCHEDULER)
+    sched.set_timesteps(num_inference_steps=sched.config.num_train_timesteps)
+    timestep_map = torch.flip(sched.timesteps, dims=(0,))
+    g = torch.Generator().manual_seed(9)
+    idx = torch.tensor([0, 1, 2, 337, 500, 998, 999])
+    x0 = torch.randn(len(idx), 4, 3, 5, generator=g)
+    noise = torch.randn(len(idx), 4, 3, 5, generator=g)
+    t = timestep_map[idx]
+    noised = sched.add_noise(original_samples=x0, noise=noise, timesteps=t)
+    save_file({"idx": idx, "x0": x0, "noise": noise, "timesteps": t.double(), "noised": noised},
+              str(d / "trace.safetensors"))
 
 
 if __name__ == "__main__":

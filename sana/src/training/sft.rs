@@ -178,3 +178,32 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod parity {
+    use super::*;
+    use crate::testing::{load_named, max_abs_diff, parity_case};
+
+    /// Timestep table and noising against Cosmos-RL's `SanaModel.add_noise`
+    /// (diffusers' DPM scheduler at 1000 steps; scripts/parity/training.py).
+    #[test]
+    fn parity_sft_timesteps_and_noising() {
+        let Some(dir) = parity_case("training_sft_noise") else {
+            return;
+        };
+        let t = load_named(&dir.join("trace.safetensors"));
+        let table = SftTimesteps::new(&DPMSolverMultistepConfig::sana(), 3.0).unwrap();
+        let idx: Vec<i64> = Vec::try_from(&t["idx"]).unwrap();
+        let want_t: Vec<f64> = Vec::try_from(&t["timesteps"]).unwrap();
+        let (ts, sigmas): (Vec<f64>, Vec<f64>) = idx.iter().map(|&i| table.at(i as usize)).unzip();
+        assert_eq!(ts, want_t, "timestep_map[idx]");
+        let (xt, _) = sft_inputs(
+            &t["x0"],
+            &Tensor::from_slice(&sigmas).to_kind(Kind::Float),
+            &t["noise"],
+        );
+        let err = max_abs_diff(&xt, &t["noised"]);
+        eprintln!("sft noising max abs err {err:.3e}");
+        assert!(err <= 1e-6, "{err:e}");
+    }
+}

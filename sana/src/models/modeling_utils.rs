@@ -42,6 +42,14 @@ pub trait ModelConfig: Serialize + DeserializeOwned {
     fn validate(&self) -> std::result::Result<(), (String, String)>;
 }
 
+/// Checks a config built in code (not read from a file; [`read_config`] checks those
+/// and names the file) before a model is constructed from it.
+pub fn check_config<C: ModelConfig>(config: &C) -> Result<()> {
+    config
+        .validate()
+        .map_err(|(key, msg)| SanaError::config("<config>", key, msg))
+}
+
 fn read_to_string(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| SanaError::io(path, e))
 }

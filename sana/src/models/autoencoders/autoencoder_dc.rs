@@ -1047,9 +1047,7 @@ impl AutoencoderDC {
     /// Builds a randomly initialised model (PyTorch's init distributions) in fp32
     /// on `device`. Validates the config first.
     pub fn new(config: AutoencoderDCConfig, device: Device) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|(key, msg)| SanaError::config("<config>", key, msg))?;
+        modeling_utils::check_config(&config)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let encoder = Encoder::new(&root / "encoder", &config);
@@ -1069,12 +1067,7 @@ impl AutoencoderDC {
     /// `diffusion_pytorch_model.safetensors` or a sharded index), then casts to `kind`.
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config: AutoencoderDCConfig = modeling_utils::read_config(dir)?;
-        let mut model = Self::new(config, device).map_err(|e| match e {
-            SanaError::Config { key, msg, .. } => {
-                SanaError::config(dir.join("config.json"), key, msg)
-            }
-            e => e,
-        })?;
+        let mut model = Self::new(config, device)?;
         modeling_utils::load_weights(&mut model.vs, dir)?;
         model.set_kind(kind)?;
         Ok(model)

@@ -537,9 +537,7 @@ impl std::fmt::Debug for Gemma2Model {
 impl Gemma2Model {
     /// A randomly initialised fp32 model on `device`. Validates the config first.
     pub fn new(config: Gemma2Config, device: Device) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|(key, msg)| SanaError::config("<config>", key, msg))?;
+        modeling_utils::check_config(&config)?;
         let types = config.layer_types().expect("validated config");
         let vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -580,12 +578,7 @@ impl Gemma2Model {
     /// stripped and `lm_head` skipped), then casts to `kind`.
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config: Gemma2Config = modeling_utils::read_config(dir)?;
-        let mut model = Self::new(config, device).map_err(|e| match e {
-            SanaError::Config { key, msg, .. } => {
-                SanaError::config(dir.join("config.json"), key, msg)
-            }
-            e => e,
-        })?;
+        let mut model = Self::new(config, device)?;
         modeling_utils::load_weights_renamed(&mut model.vs, dir, TRANSFORMERS_WEIGHTS, |key| {
             if key == "lm_head.weight" {
                 return None;

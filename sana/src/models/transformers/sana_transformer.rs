@@ -417,9 +417,7 @@ impl SanaTransformer2DModel {
     /// Builds a randomly initialised model (diffusers' init distributions) in fp32
     /// on `device`. Validates the config first.
     pub fn new(config: SanaTransformerConfig, device: Device) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|(key, msg)| SanaError::config("<config>", key, msg))?;
+        modeling_utils::check_config(&config)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let dim = config.inner_dim();
@@ -488,12 +486,7 @@ impl SanaTransformer2DModel {
     /// `diffusion_pytorch_model.safetensors` or a sharded index), then casts to `kind`.
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config: SanaTransformerConfig = modeling_utils::read_config(dir)?;
-        let mut model = Self::new(config, device).map_err(|e| match e {
-            SanaError::Config { key, msg, .. } => {
-                SanaError::config(dir.join("config.json"), key, msg)
-            }
-            e => e,
-        })?;
+        let mut model = Self::new(config, device)?;
         modeling_utils::load_weights(&mut model.vs, dir)?;
         model.set_kind(kind);
         Ok(model)

@@ -41,3 +41,61 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu).to_kind(Kind::Double);
     (cpu(a) - cpu(b)).abs().max().double_value(&[])
 }
+
+/// A tiny random SANA 1.5-style transformer (fixed seed) with Cosmos-RL's LoRA
+/// targets as adapters "default" (B randomised, so it moves the output) and "old",
+/// and a 6-sample NFT batch for it: for tests that need no reference files.
+pub fn tiny_nft_model_and_batch(
+    seed: i64,
+) -> (
+    crate::models::transformers::sana_transformer::SanaTransformer2DModel,
+    crate::training::nft_trainer::NftBatch,
+) {
+    use crate::lora::{InitLoraWeights, LoraConfig, TargetModules};
+    use crate::models::transformers::sana_transformer::{
+        SanaTransformer2DModel, SanaTransformerConfig,
+    };
+    use tch::Device;
+    tch::manual_seed(seed);
+    let cfg = SanaTransformerConfig {
+        in_channels: 4,
+        out_channels: Some(4),
+        num_attention_heads: 2,
+        attention_head_dim: 4,
+        num_layers: 2,
+        num_cross_attention_heads: Some(2),
+        cross_attention_head_dim: Some(4),
+        cross_attention_dim: Some(8),
+        caption_channels: 6,
+        qk_norm: Some("rms_norm_across_heads".into()),
+        ..Default::default()
+    };
+    let mut model = SanaTransformer2DModel::new(cfg, Device::Cpu).unwrap();
+    let targets = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
+        .into_iter()
+        .chain(["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"])
+        .map(String::from)
+        .collect();
+    let mut lora = LoraConfig::new(4, 4.0, TargetModules::Names(targets));
+    lora.init_lora_weights = InitLoraWeights::Gaussian;
+    model.lora.add_adapter("default", &lora).unwrap();
+    model.lora.add_adapter("old", &lora).unwrap();
+    tch::no_grad(|| {
+        for (_, p) in model.lora.adapter_parameters("default").unwrap() {
+            let r = p.randn_like() * 0.1;
+            p.shallow_clone().copy_(&r);
+        }
+    });
+    let f = (Kind::Float, Device::Cpu);
+    let timesteps = Tensor::from_slice(&[990.0f32, 750.0, 500.0, 250.0]).repeat([6, 1]);
+    let mask = Tensor::ones([6, 5], (Kind::Int64, Device::Cpu));
+    let _ = mask.narrow(0, 3, 3).narrow(1, 3, 2).fill_(0);
+    let batch = crate::training::nft_trainer::NftBatch {
+        latents_clean: Tensor::randn([6, 4, 4, 4], f),
+        timesteps,
+        prompt_embeds: Tensor::randn([3, 5, 6], f).repeat_interleave_self_int(2, 0, None),
+        prompt_attention_mask: mask,
+        advantages: Tensor::from_slice(&[1.0f32, -1.0, 0.5, -0.5, 2.0, -2.0]),
+    };
+    (model, batch)
+}

@@ -5,5 +5,6 @@
 pub mod ema;
 pub mod lr_schedule;
 pub mod nft;
+pub mod nft_trainer;
 pub mod optim;
 pub mod sft;

@@ -1,0 +1,633 @@
+//! One DiffusionNFT training step over a batch of rollouts, as Cosmos-RL's
+//! `NFTTrainer.step_training` runs it (nft-algorithm.md, steps 3 and 4):
+//! shuffle samples and each sample's timesteps, optimize batches of mini
+//! batches, three forwards per timestep ("old", "default" with grad, adapters
+//! disabled), clip + AdamW + EMA per optimize batch, then the decayed copy of
+//! "default" into "old".
+//!
+//! Randomness: every step re-seeds libtorch's CPU generator with
+//! `seed + step` (1-based step), so a step's shuffles and noise depend only on
+//! the seed and the step number. That is what makes a resumed run equal an
+//! uninterrupted one without saving generator state.
+
+use tch::{Device, Kind, Tensor};
+
+use super::ema::{weight_copy_decay, Ema};
+use super::lr_schedule::LrSchedule;
+use super::nft::{nft_loss, noised, NftLossConfig, NftPredictions, NftSample, NftTerms};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::lora::ActiveAdapter;
+use crate::models::transformers::sana_transformer::{SanaTransformer2DModel, TransformerInputs};
+use crate::{Result, SanaError};
+
+/// The adapter trained by NFT, and the decayed copy that samples rollouts.
+pub const TRAINED_ADAPTER: &str = "default";
+pub const OLD_ADAPTER: &str = "old";
+
+/// Everything of the config that shapes one NFT step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NftTrainerConfig {
+    pub loss: NftLossConfig,
+    /// `train_policy.mu_iterations`: passes over the batch per step.
+    pub mu_iterations: usize,
+    /// `train_policy.batch_size_per_optimize`: samples per optimizer step (None: all).
+    pub batch_size_per_optimize: Option<usize>,
+    /// `train_policy.mini_batch`: samples per forward (None: the optimize batch).
+    pub mini_batch: Option<usize>,
+    /// `int(sample.num_steps * timesteps_fraction)`.
+    pub num_train_timesteps: usize,
+    /// `train.optm_grad_norm_clip` (≤ 0: measure only).
+    pub grad_norm_clip: f64,
+    /// `policy.diffusers.weight_copy_decay_type` (0, 1 or 2).
+    pub weight_copy_decay_type: u8,
+    /// `train.ema_enable` → (`ema_decay`, `ema_update_step_interval`).
+    pub ema: Option<(f64, u64)>,
+    pub optimizer: AdamWConfig,
+    pub schedule: LrSchedule,
+    /// Base of the per-step seeds (`train.train_policy.seed` or the run's seed).
+    pub seed: u64,
+}
+
+/// The rollouts of one step, packed along the batch dimension.
+#[derive(Debug)]
+pub struct NftBatch {
+    /// `[B, C, H, W]` final clean latents of the rollouts.
+    pub latents_clean: Tensor,
+    /// `[B, T]` the sampler's timesteps (0..1000 scale), in sampling order.
+    pub timesteps: Tensor,
+    /// `[B, L, D]` prompt embeddings and their `[B, L]` caption mask.
+    pub prompt_embeds: Tensor,
+    pub prompt_attention_mask: Tensor,
+    /// `[B]` group advantages.
+    pub advantages: Tensor,
+}
+
+impl NftBatch {
+    pub fn len(&self) -> i64 {
+        self.latents_clean.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn check(&self) -> Result<()> {
+        let b = self.len();
+        let named = [
+            ("timesteps", &self.timesteps, 2usize),
+            ("prompt_embeds", &self.prompt_embeds, 3),
+            ("prompt_attention_mask", &self.prompt_attention_mask, 2),
+            ("advantages", &self.advantages, 1),
+        ];
+        for (name, t, dims) in named {
+            let s = t.size();
+            if s.len() != dims || s[0] != b {
+                return Err(SanaError::input(
+                    name,
+                    format!("shape {s:?}: expected {dims} dims with batch {b} first"),
+                ));
+            }
+        }
+        if b == 0 {
+            return Err(SanaError::input("latents_clean", "empty batch"));
+        }
+        Ok(())
+    }
+
+    fn select(&self, index: &Tensor) -> Self {
+        Self {
+            latents_clean: self.latents_clean.index_select(0, index),
+            timesteps: self.timesteps.index_select(0, index),
+            prompt_embeds: self.prompt_embeds.index_select(0, index),
+            prompt_attention_mask: self.prompt_attention_mask.index_select(0, index),
+            advantages: self.advantages.index_select(0, index),
+        }
+    }
+
+    fn narrow(&self, start: i64, len: i64) -> Self {
+        Self {
+            latents_clean: self.latents_clean.narrow(0, start, len),
+            timesteps: self.timesteps.narrow(0, start, len),
+            prompt_embeds: self.prompt_embeds.narrow(0, start, len),
+            prompt_attention_mask: self.prompt_attention_mask.narrow(0, start, len),
+            advantages: self.advantages.narrow(0, start, len),
+        }
+    }
+
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            latents_clean: self.latents_clean.to_device(device),
+            timesteps: self.timesteps.to_device(device),
+            prompt_embeds: self.prompt_embeds.to_device(device),
+            prompt_attention_mask: self.prompt_attention_mask.to_device(device),
+            advantages: self.advantages.to_device(device),
+        }
+    }
+}
+
+/// Step metrics, averaged as Cosmos-RL reports them (`train/*_avg`): the loss terms
+/// over every (mini batch, timestep), grad norm over optimizer steps.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NftStepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub policy_loss: f64,
+    pub unweighted_policy_loss: f64,
+    pub kl_loss: f64,
+    pub old_kl: f64,
+    pub old_deviation: f64,
+    pub old_deviation_max: f64,
+    pub x0_norm: f64,
+    pub x0_norm_max: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    /// The decay the "old" adapter was blended with after this step.
+    pub old_decay: f64,
+    pub optimizer_steps: u64,
+}
+
+#[derive(Default)]
+struct Accumulated {
+    n: usize,
+    sums: [f64; 9],
+}
+
+impl Accumulated {
+    fn add(&mut self, t: &NftTerms) {
+        let v = [
+            t.loss.double_value(&[]),
+            t.policy_loss,
+            t.unweighted_policy_loss,
+            t.kl_loss,
+            t.old_kl,
+            t.old_deviation,
+            t.old_deviation_max,
+            t.x0_norm,
+            t.x0_norm_max,
+        ];
+        for (s, x) in self.sums.iter_mut().zip(v) {
+            *s += x;
+        }
+        self.n += 1;
+    }
+
+    fn mean(&self, i: usize) -> f64 {
+        if self.n == 0 {
+            0.0
+        } else {
+            self.sums[i] / self.n as f64
+        }
+    }
+}
+
+/// Optimizer, schedule, EMA and step counter of an NFT run on a LoRA model with
+/// adapters "default" (trained) and "old" (the rollout policy).
+#[derive(Debug)]
+pub struct NftTrainer {
+    pub config: NftTrainerConfig,
+    pub optimizer: AdamW,
+    pub ema: Option<Ema>,
+    /// Completed steps; the next step is `step + 1` (Cosmos-RL's 1-based `current_step`).
+    pub step: u64,
+}
+
+impl NftTrainer {
+    /// Freezes the base model and "old", makes "default" trainable and, as
+    /// Cosmos-RL does at start, copies "default" into "old".
+    pub fn new(model: &mut SanaTransformer2DModel, config: NftTrainerConfig) -> Result<Self> {
+        for name in [TRAINED_ADAPTER, OLD_ADAPTER] {
+            if !model.lora.has_adapter(name) {
+                return Err(SanaError::Lora(format!(
+                    "NFT needs LoRA adapters \"{TRAINED_ADAPTER}\" and \"{OLD_ADAPTER}\" \
+                     (policy.lora with lora_names); adapter \"{name}\" is missing"
+                )));
+            }
+        }
+        if config.num_train_timesteps == 0 {
+            return Err(SanaError::input(
+                "timesteps_fraction",
+                "num_steps × timesteps_fraction rounds down to 0 timesteps to train on",
+            ));
+        }
+        if config.mu_iterations == 0 {
+            return Err(SanaError::input("mu_iterations", "must be at least 1"));
+        }
+        model.lora.copy_adapter(TRAINED_ADAPTER, OLD_ADAPTER)?;
+        let params = trainable_params(model)?;
+        let ema = config
+            .ema
+            .map(|(decay, every)| Ema::new(&params, decay, every));
+        Ok(Self {
+            optimizer: AdamW::new(params, config.optimizer),
+            ema,
+            step: 0,
+            config,
+        })
+    }
+
+    /// The LR of the next step.
+    pub fn learning_rate(&self) -> f64 {
+        self.config.optimizer.lr * self.config.schedule.factor(self.step)
+    }
+
+    /// One RL step on `batch` (on the model's device).
+    pub fn train_step(
+        &mut self,
+        model: &SanaTransformer2DModel,
+        batch: &NftBatch,
+    ) -> Result<NftStepMetrics> {
+        batch.check()?;
+        let cfg = self.config.clone();
+        let current = self.step + 1;
+        let span = tracing::info_span!("nft_step", step = current);
+        let _enter = span.enter();
+        tch::manual_seed((cfg.seed.wrapping_add(current)) as i64);
+        let lr = self.learning_rate();
+        let device = model.device();
+        let cpu = (Kind::Int64, Device::Cpu);
+        let b = batch.len();
+        let steps = batch.timesteps.size()[1];
+        if cfg.num_train_timesteps as i64 > steps {
+            return Err(SanaError::input(
+                "timesteps",
+                format!(
+                    "{steps} timesteps per sample, fewer than the {} to train on",
+                    cfg.num_train_timesteps
+                ),
+            ));
+        }
+        let per_optimize = match cfg.batch_size_per_optimize {
+            Some(n) if n > 0 => (n as i64).min(b),
+            _ => b,
+        };
+        model.lora.set_training(true);
+        let mut acc = Accumulated::default();
+        let (mut grad_norm_sum, mut optimizer_steps) = (0.0, 0u64);
+        let timestep_scaling = 1.0 / cfg.num_train_timesteps.max(1) as f64;
+
+        for _ in 0..cfg.mu_iterations {
+            let perm = Tensor::randperm(b, cpu).to_device(device);
+            let mut shuffled = batch.select(&perm);
+            let perms_time = Tensor::stack(
+                &(0..b)
+                    .map(|_| Tensor::randperm(steps, cpu))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .to_device(device);
+            shuffled.timesteps = shuffled.timesteps.gather(1, &perms_time, false);
+
+            for opt_start in (0..b).step_by(per_optimize as usize) {
+                let opt_size = per_optimize.min(b - opt_start);
+                let opt_batch = shuffled.narrow(opt_start, opt_size);
+                let mini = match cfg.mini_batch {
+                    Some(n) if n > 0 => (n as i64).min(opt_size),
+                    _ => opt_size,
+                };
+                for mini_start in (0..opt_size).step_by(mini as usize) {
+                    let mini_size = mini.min(opt_size - mini_start);
+                    let mb = opt_batch.narrow(mini_start, mini_size);
+                    let scale = (mini_size as f64 / opt_size as f64) * timestep_scaling;
+                    for j in 0..cfg.num_train_timesteps as i64 {
+                        let terms = self.timestep_loss(model, &mb, j)?;
+                        (&terms.loss * scale).backward();
+                        acc.add(&terms);
+                    }
+                }
+                grad_norm_sum += self.optimizer_step(lr, current);
+                optimizer_steps += 1;
+            }
+        }
+
+        let old_decay = weight_copy_decay(current, cfg.weight_copy_decay_type)?;
+        model
+            .lora
+            .blend_adapter(OLD_ADAPTER, TRAINED_ADAPTER, old_decay)?;
+        self.step = current;
+        let metrics = NftStepMetrics {
+            step: current,
+            loss: acc.mean(0),
+            policy_loss: acc.mean(1),
+            unweighted_policy_loss: acc.mean(2),
+            kl_loss: acc.mean(3),
+            old_kl: acc.mean(4),
+            old_deviation: acc.mean(5),
+            old_deviation_max: acc.mean(6),
+            x0_norm: acc.mean(7),
+            x0_norm_max: acc.mean(8),
+            grad_norm: grad_norm_sum / optimizer_steps.max(1) as f64,
+            learning_rate: lr,
+            old_decay,
+            optimizer_steps,
+        };
+        tracing::debug!(?metrics, "nft step done");
+        Ok(metrics)
+    }
+
+    /// The three forwards and the loss at the mini batch's `j`-th (shuffled) timestep.
+    fn timestep_loss(
+        &self,
+        model: &SanaTransformer2DModel,
+        mb: &NftBatch,
+        j: i64,
+    ) -> Result<NftTerms> {
+        let x0 = &mb.latents_clean;
+        let timestep = mb.timesteps.select(1, j);
+        let t = &timestep / 1000.0;
+        let noise = x0.to_kind(Kind::Float).randn_like();
+        let xt = noised(x0, &t, &noise).to_kind(model.kind());
+        // The caption mask goes to the cross-attention in training as in sampling
+        // (nft-algorithm.md, note on the caption mask).
+        let inputs = TransformerInputs {
+            hidden_states: &xt,
+            encoder_hidden_states: &mb.prompt_embeds,
+            timestep: &timestep,
+            guidance: None,
+            encoder_attention_mask: Some(&mb.prompt_attention_mask),
+        };
+        let forward =
+            |adapter: ActiveAdapter| model.lora.with_active(adapter, || model.forward(&inputs));
+        let v_old = tch::no_grad(|| forward(OLD_ADAPTER.into()))??.detach();
+        let v = forward(TRAINED_ADAPTER.into())??;
+        let v_ref = tch::no_grad(|| forward(ActiveAdapter::Disabled))??.detach();
+        let sample = NftSample {
+            x0,
+            xt: &xt,
+            t: &t,
+            adv: &mb.advantages,
+        };
+        let preds = NftPredictions {
+            v: &v,
+            v_old: &v_old,
+            v_ref: &v_ref,
+        };
+        Ok(nft_loss(&self.config.loss, &sample, &preds))
+    }
+
+    /// Clip, AdamW step, zero grads, EMA: Cosmos-RL's `all_reduce_states` on one rank.
+    fn optimizer_step(&mut self, lr: f64, current_step: u64) -> f64 {
+        let norm = clip_grad_norm(&self.optimizer.params, self.config.grad_norm_clip);
+        self.optimizer.step(lr);
+        self.optimizer.zero_grad();
+        if let Some(ema) = &mut self.ema {
+            ema.step(&self.optimizer.params, current_step);
+        }
+        norm
+    }
+}
+
+/// The trained adapter's tensors, frozen base and "old" around them.
+fn trainable_params(model: &mut SanaTransformer2DModel) -> Result<Vec<Tensor>> {
+    model.vs.freeze();
+    model.lora.set_trainable(OLD_ADAPTER, false)?;
+    model.lora.set_trainable(TRAINED_ADAPTER, true)?;
+    Ok(model
+        .lora
+        .adapter_parameters(TRAINED_ADAPTER)?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::io::read_adapter_config;
+    use crate::testing::{load_named, parity_case};
+    use crate::training::lr_schedule::DecayType;
+    use serde_json::Value;
+    use std::path::Path;
+
+    /// The tiny model and batch of a `scripts/parity/nft_step.py` case, with its
+    /// trainer config.
+    fn setup(dir: &Path) -> (SanaTransformer2DModel, NftBatch, NftTrainerConfig, Value) {
+        let case: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let c = &case["config"];
+        let mut model =
+            SanaTransformer2DModel::from_pretrained(&dir.join("model"), Device::Cpu, Kind::Float)
+                .unwrap();
+        let (_, lora) = read_adapter_config(&dir.join("adapter")).unwrap();
+        model
+            .lora
+            .load_adapter(TRAINED_ADAPTER, &dir.join("adapter"))
+            .unwrap();
+        model.lora.add_adapter(OLD_ADAPTER, &lora).unwrap();
+        let b = load_named(&dir.join("batch.safetensors"));
+        let batch = NftBatch {
+            latents_clean: b["latents_clean"].shallow_clone(),
+            timesteps: b["timesteps"].shallow_clone(),
+            prompt_embeds: b["prompt_embeds"].shallow_clone(),
+            prompt_attention_mask: b["prompt_attention_mask"].shallow_clone(),
+            advantages: b["advantages"].shallow_clone(),
+        };
+        let f = |k: &str| c[k].as_f64().unwrap();
+        let opt_usize = |k: &str| c[k].as_u64().map(|v| v as usize);
+        let cfg = NftTrainerConfig {
+            loss: NftLossConfig {
+                beta: f("nft_beta"),
+                kl_beta: f("kl_beta"),
+                adv_low: f("adv_low"),
+                adv_high: f("adv_high"),
+            },
+            mu_iterations: opt_usize("mu_iterations").unwrap(),
+            batch_size_per_optimize: opt_usize("batch_size_per_optimize"),
+            mini_batch: opt_usize("mini_batch"),
+            num_train_timesteps: opt_usize("num_train_timesteps").unwrap(),
+            grad_norm_clip: f("clip"),
+            weight_copy_decay_type: c["decay_type"].as_u64().unwrap() as u8,
+            ema: c["ema"]
+                .as_array()
+                .map(|e| (e[0].as_f64().unwrap(), e[1].as_u64().unwrap())),
+            optimizer: AdamWConfig {
+                lr: f("lr"),
+                betas: (
+                    c["betas"][0].as_f64().unwrap(),
+                    c["betas"][1].as_f64().unwrap(),
+                ),
+                eps: f("eps"),
+                weight_decay: f("weight_decay"),
+            },
+            schedule: LrSchedule::new(1000, 0.0, false, None, DecayType::None, 0.0, 0.0),
+            seed: c["seed"].as_u64().unwrap(),
+        };
+        (model, batch, cfg, case)
+    }
+
+    fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+        let d = (got - want).abs().max().double_value(&[]);
+        d / want.abs().max().double_value(&[]).max(1e-30)
+    }
+
+    fn check_metrics(got: &NftStepMetrics, want: &Value) {
+        let g = serde_json::to_value(got).unwrap();
+        for key in [
+            "loss",
+            "policy_loss",
+            "unweighted_policy_loss",
+            "kl_loss",
+            "old_kl",
+            "old_deviation",
+            "old_deviation_max",
+            "x0_norm",
+            "x0_norm_max",
+            "grad_norm",
+            "old_decay",
+        ] {
+            let (a, b) = (g[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+            let e = (a - b).abs() / b.abs().max(1e-12);
+            eprintln!(
+                "step {} {key}: ours {a:.9e} reference {b:.9e} rel {e:.1e}",
+                got.step
+            );
+            assert!(e <= 1e-4, "step {} {key}: {a} vs {b}", got.step);
+        }
+    }
+
+    /// One optimizer step: the metrics, and the LoRA gradients (read from AdamW's
+    /// first moment, `exp_avg = (1 - β1) · clip_coef · grad`) equal the reference's.
+    #[test]
+    fn parity_nft_step_gradients() {
+        let Some(dir) = parity_case("nft_step_grad") else {
+            return;
+        };
+        let (mut model, batch, cfg, case) = setup(&dir);
+        let mut trainer = NftTrainer::new(&mut model, cfg.clone()).unwrap();
+        let m = trainer.train_step(&model, &batch).unwrap();
+        check_metrics(&m, &case["metrics"][0]);
+        assert_eq!(m.optimizer_steps, 1);
+        let grads = load_named(&dir.join("grads.safetensors"));
+        let coef = (cfg.grad_norm_clip / (m.grad_norm + 1e-6)).min(1.0);
+        let names = model.lora.adapter_parameters(TRAINED_ADAPTER).unwrap();
+        assert_eq!(names.len(), grads.len());
+        let mut worst = 0.0f64;
+        for ((name, _), m1) in names.iter().zip(&trainer.optimizer.exp_avg) {
+            let g = m1 / ((1.0 - cfg.optimizer.betas.0) * coef);
+            worst = worst.max(rel_err(&g, &grads[name]));
+        }
+        eprintln!(
+            "LoRA gradients: worst relative error {worst:.2e} over {} tensors",
+            names.len()
+        );
+        assert!(worst <= 1e-4);
+    }
+
+    /// Three steps with two passes and two optimize batches each: metrics, the trained
+    /// and "old" adapters, AdamW's moments and the EMA after every step.
+    #[test]
+    fn parity_nft_steps_weights_optimizer_ema() {
+        let Some(dir) = parity_case("nft_step_steps") else {
+            return;
+        };
+        let (mut model, batch, cfg, case) = setup(&dir);
+        let mut trainer = NftTrainer::new(&mut model, cfg).unwrap();
+        let steps = case["metrics"].as_array().unwrap().len();
+        for k in 1..=steps {
+            let m = trainer.train_step(&model, &batch).unwrap();
+            check_metrics(&m, &case["metrics"][k - 1]);
+            assert_eq!(m.optimizer_steps, 4);
+            let want = load_named(&dir.join(format!("step{k}.safetensors")));
+            let mut worst = [0.0f64; 5];
+            let default = model.lora.adapter_parameters(TRAINED_ADAPTER).unwrap();
+            let old = model.lora.adapter_parameters(OLD_ADAPTER).unwrap();
+            let ema = &trainer.ema.as_ref().unwrap().shadow;
+            for (i, (name, p)) in default.iter().enumerate() {
+                let old_name = name.replace(".default.", ".old.");
+                assert_eq!(old[i].0, old_name);
+                let pairs = [
+                    (p, format!("default.{name}")),
+                    (&old[i].1, format!("old.{old_name}")),
+                    (&trainer.optimizer.exp_avg[i], format!("exp_avg.{name}")),
+                    (
+                        &trainer.optimizer.exp_avg_sq[i],
+                        format!("exp_avg_sq.{name}"),
+                    ),
+                    (&ema[i], format!("ema.{name}")),
+                ];
+                for (w, (t, key)) in worst.iter_mut().zip(pairs) {
+                    *w = w.max(rel_err(t, &want[&key]));
+                }
+            }
+            eprintln!("step {k}: worst rel err default/old/exp_avg/exp_avg_sq/ema {worst:?}");
+            assert!(worst.iter().all(|&e| e <= 1e-4), "step {k}: {worst:?}");
+        }
+    }
+
+    /// A small config for tests without references.
+    pub(crate) fn test_config() -> NftTrainerConfig {
+        NftTrainerConfig {
+            loss: NftLossConfig {
+                beta: 1.0,
+                kl_beta: 1e-4,
+                adv_low: -5.0,
+                adv_high: 5.0,
+            },
+            mu_iterations: 1,
+            batch_size_per_optimize: Some(4),
+            mini_batch: Some(2),
+            num_train_timesteps: 2,
+            grad_norm_clip: 1.0,
+            weight_copy_decay_type: 1,
+            ema: Some((0.9, 1)),
+            optimizer: AdamWConfig {
+                lr: 1e-3,
+                ..Default::default()
+            },
+            schedule: LrSchedule::new(100, 2.0, false, None, DecayType::Cosine, 0.1, 0.5),
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn refuses_missing_adapters_and_bad_batches() {
+        let (mut model, batch) = crate::testing::tiny_nft_model_and_batch(1);
+        model.lora.delete_adapter(OLD_ADAPTER).unwrap();
+        let err = NftTrainer::new(&mut model, test_config())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"old\" is missing"), "{err}");
+
+        let (mut model, mut batch2) = crate::testing::tiny_nft_model_and_batch(1);
+        let mut trainer = NftTrainer::new(&mut model, test_config()).unwrap();
+        batch2.advantages = Tensor::zeros([5], (Kind::Float, Device::Cpu));
+        let err = trainer.train_step(&model, &batch2).unwrap_err().to_string();
+        assert!(
+            err.contains("advantages") && err.contains("batch 6"),
+            "{err}"
+        );
+        let _ = batch;
+        assert_eq!(trainer.step, 0, "a refused batch is not a step");
+    }
+
+    /// Training moves only "default" (and "old" through the decay), never the base.
+    #[test]
+    fn a_step_trains_default_only() {
+        let (mut model, batch) = crate::testing::tiny_nft_model_and_batch(2);
+        let sorted = |m: &SanaTransformer2DModel| -> Vec<(String, Tensor)> {
+            let vars: std::collections::BTreeMap<_, _> = m.vs.variables().into_iter().collect();
+            vars.into_iter().collect()
+        };
+        let base: Vec<Tensor> = sorted(&model).iter().map(|(_, t)| t.copy()).collect();
+        let mut trainer = NftTrainer::new(&mut model, test_config()).unwrap();
+        let before = model.lora.state_dict(TRAINED_ADAPTER).unwrap();
+        let before: Vec<Tensor> = before.iter().map(|(_, t)| t.copy()).collect();
+        let m = trainer.train_step(&model, &batch).unwrap();
+        assert_eq!((m.step, m.optimizer_steps), (1, 2));
+        assert!(m.loss.is_finite() && m.grad_norm > 0.0);
+        assert_eq!(
+            m.learning_rate,
+            1e-3 * 0.5,
+            "warm-up starts at its start factor"
+        );
+        let after = model.lora.state_dict(TRAINED_ADAPTER).unwrap();
+        assert!(before.iter().zip(&after).any(|(b, (_, a))| b != a));
+        for (b, (name, a)) in base.iter().zip(sorted(&model)) {
+            assert_eq!(b, &a, "the base model must not move: {name}");
+        }
+        // old = 0.001·old + 0.999·default after step 1 (old started as a copy).
+        let old = model.lora.state_dict(OLD_ADAPTER).unwrap();
+        let (_, a0) = &after[0];
+        let want = &before[0] * 0.001 + a0 * 0.999;
+        assert!(crate::testing::max_abs_diff(&old[0].1, &want) < 1e-7);
+    }
+}

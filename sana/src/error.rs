@@ -31,6 +31,9 @@ pub enum SanaError {
     /// A LoRA adapter was used wrongly (unknown name, merged, targets nothing).
     #[error("LoRA: {0}")]
     Lora(String),
+    /// A training checkpoint is incomplete, corrupt or does not fit the run.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
     #[error(transparent)]
     Tch(#[from] tch::TchError),
 }

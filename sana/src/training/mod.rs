@@ -2,6 +2,7 @@
 //! Cosmos-RL 0.4.7 the reference): losses, optimizer, LR schedule, EMA and the
 //! decayed "old" policy copy. No networking, no process state.
 
+pub mod checkpoint;
 pub mod ema;
 pub mod lr_schedule;
 pub mod nft;

@@ -10,8 +10,12 @@
 //! the seed and the step number. That is what makes a resumed run equal an
 //! uninterrupted one without saving generator state.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use tch::{Device, Kind, Tensor};
 
+use super::checkpoint::{take_tensor, TrainingState};
 use super::ema::{weight_copy_decay, Ema};
 use super::lr_schedule::LrSchedule;
 use super::nft::{nft_loss, noised, NftLossConfig, NftPredictions, NftSample, NftTerms};
@@ -376,6 +380,125 @@ impl NftTrainer {
     }
 }
 
+impl NftTrainer {
+    /// Everything to continue this run: the trained and "old" adapters, AdamW's
+    /// moments and step, the EMA, the step and seed, and `data` (the caller's
+    /// position in its prompts). The base model is not saved: it is the pretrained one.
+    pub fn state(
+        &self,
+        model: &SanaTransformer2DModel,
+        data: serde_json::Value,
+    ) -> Result<TrainingState> {
+        let trained = model.lora.adapter_parameters(TRAINED_ADAPTER)?;
+        let mut tensors = Vec::with_capacity(trained.len() * 5);
+        for (i, (name, t)) in trained.iter().enumerate() {
+            tensors.push((format!("trained/{name}"), t.shallow_clone()));
+            tensors.push((
+                format!("exp_avg/{name}"),
+                self.optimizer.exp_avg[i].shallow_clone(),
+            ));
+            tensors.push((
+                format!("exp_avg_sq/{name}"),
+                self.optimizer.exp_avg_sq[i].shallow_clone(),
+            ));
+            if let Some(ema) = &self.ema {
+                tensors.push((format!("ema/{name}"), ema.shadow[i].shallow_clone()));
+            }
+        }
+        for (name, t) in model.lora.adapter_parameters(OLD_ADAPTER)? {
+            tensors.push((format!("old/{name}"), t));
+        }
+        Ok(TrainingState {
+            step: self.step,
+            meta: serde_json::json!({
+                "trainer": "diffusion_nft",
+                "optimizer_step": self.optimizer.step,
+                "seed": self.config.seed,
+                "data": data,
+            }),
+            tensors,
+        })
+    }
+
+    /// Puts a saved state back (weights into the model's adapters, moments, EMA,
+    /// step); returns the saved data position. `source` names the checkpoint in errors.
+    pub fn restore(
+        &mut self,
+        model: &SanaTransformer2DModel,
+        state: TrainingState,
+        source: &Path,
+    ) -> Result<serde_json::Value> {
+        let bad = |msg: String| SanaError::Checkpoint {
+            path: source.to_path_buf(),
+            msg,
+        };
+        if state.meta["trainer"] != "diffusion_nft" {
+            return Err(bad(format!(
+                "saved by trainer {}, not diffusion_nft",
+                state.meta["trainer"]
+            )));
+        }
+        let mut tensors: HashMap<String, Tensor> = state.tensors.into_iter().collect();
+        let trained = model.lora.adapter_parameters(TRAINED_ADAPTER)?;
+        let has_ema = tensors.keys().any(|k| k.starts_with("ema/"));
+        fn put(
+            tensors: &mut HashMap<String, Tensor>,
+            key: &str,
+            dst: &Tensor,
+            source: &Path,
+        ) -> Result<()> {
+            let t = take_tensor(tensors, key, dst, source)?;
+            dst.shallow_clone().copy_(&t.to_device(dst.device()));
+            Ok(())
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (i, (name, p)) in trained.iter().enumerate() {
+                put(&mut tensors, &format!("trained/{name}"), p, source)?;
+                let m = &self.optimizer.exp_avg[i];
+                put(&mut tensors, &format!("exp_avg/{name}"), m, source)?;
+                let v = &self.optimizer.exp_avg_sq[i];
+                put(&mut tensors, &format!("exp_avg_sq/{name}"), v, source)?;
+                match (&self.ema, has_ema) {
+                    (Some(ema), true) => {
+                        put(&mut tensors, &format!("ema/{name}"), &ema.shadow[i], source)?
+                    }
+                    (Some(ema), false) => ema.shadow[i].shallow_clone().copy_(p),
+                    (None, _) => {
+                        tensors.remove(&format!("ema/{name}"));
+                    }
+                }
+            }
+            for (name, p) in model.lora.adapter_parameters(OLD_ADAPTER)? {
+                put(&mut tensors, &format!("old/{name}"), &p, source)?;
+            }
+            Ok(())
+        })?;
+        if let Some(extra) = tensors.keys().min() {
+            return Err(bad(format!(
+                "tensor `{extra}` fits no parameter of this model's adapters (a different LoRA config?)"
+            )));
+        }
+        if self.ema.is_some() && !has_ema {
+            tracing::warn!(
+                "the checkpoint has no EMA (ema_enable was off): EMA restarts from the weights"
+            );
+        }
+        let saved_seed = state.meta["seed"].as_u64();
+        if saved_seed != Some(self.config.seed) {
+            tracing::warn!(
+                ?saved_seed,
+                seed = self.config.seed,
+                "resuming with another seed: the run will not repeat an uninterrupted one"
+            );
+        }
+        self.optimizer.step = state.meta["optimizer_step"]
+            .as_u64()
+            .ok_or_else(|| bad("trainer.json has no optimizer_step".into()))?;
+        self.step = state.step;
+        Ok(state.meta["data"].clone())
+    }
+}
+
 /// The trained adapter's tensors, frozen base and "old" around them.
 fn trainable_params(model: &mut SanaTransformer2DModel) -> Result<Vec<Tensor>> {
     model.vs.freeze();
@@ -629,5 +752,84 @@ mod tests {
         let (_, a0) = &after[0];
         let want = &before[0] * 0.001 + a0 * 0.999;
         assert!(crate::testing::max_abs_diff(&old[0].1, &want) < 1e-7);
+    }
+
+    /// Every tensor a step changes, in a fixed order.
+    fn snapshot(model: &SanaTransformer2DModel, t: &NftTrainer) -> Vec<(String, Tensor)> {
+        let state = t.state(model, serde_json::Value::Null).unwrap();
+        state
+            .tensors
+            .into_iter()
+            .map(|(n, x)| (n, x.copy()))
+            .collect()
+    }
+
+    /// The determinism check: 6 steps equal 3 steps, a checkpoint (async
+    /// save), a fresh process-like restart from it, and 3 more, bit for bit.
+    #[test]
+    fn six_steps_equal_three_then_resume_then_three_bit_for_bit() {
+        use crate::training::checkpoint::{CheckpointManager, SaveMode};
+        let (mut model, batch) = crate::testing::tiny_nft_model_and_batch(5);
+        let mut trainer = NftTrainer::new(&mut model, test_config()).unwrap();
+        let mut want_metrics = Vec::new();
+        for _ in 0..6 {
+            want_metrics.push(trainer.train_step(&model, &batch).unwrap());
+        }
+        let want = snapshot(&model, &trainer);
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut model, batch) = crate::testing::tiny_nft_model_and_batch(5);
+            let mut trainer = NftTrainer::new(&mut model, test_config()).unwrap();
+            for _ in 0..3 {
+                trainer.train_step(&model, &batch).unwrap();
+            }
+            let mut ckpt = CheckpointManager::new(dir.path(), SaveMode::Async, 2);
+            let data = serde_json::json!({"epoch": 0, "index": 3});
+            ckpt.save(&trainer.state(&model, data).unwrap()).unwrap();
+            // Training goes on while the writer runs; this step must not leak into the file.
+            trainer.train_step(&model, &batch).unwrap();
+            ckpt.wait().unwrap();
+        }
+        let (mut model, batch) = crate::testing::tiny_nft_model_and_batch(5);
+        let mut trainer = NftTrainer::new(&mut model, test_config()).unwrap();
+        let resumed = CheckpointManager::new(dir.path(), SaveMode::Sync, 2)
+            .load_latest()
+            .unwrap()
+            .unwrap();
+        assert!(resumed.path.ends_with("step_3"));
+        let data = trainer
+            .restore(&model, resumed.state, &resumed.path)
+            .unwrap();
+        assert_eq!(data["index"], 3);
+        assert_eq!(trainer.step, 3);
+        for want_m in &want_metrics[3..] {
+            let m = trainer.train_step(&model, &batch).unwrap();
+            assert_eq!(&m, want_m, "metrics of step {}", m.step);
+        }
+        let got = snapshot(&model, &trainer);
+        assert_eq!(got.len(), want.len());
+        for ((gn, g), (wn, w)) in got.iter().zip(&want) {
+            assert_eq!(gn, wn);
+            assert!(g.equal(w), "{gn} differs after resume");
+        }
+    }
+
+    #[test]
+    fn restore_refuses_a_checkpoint_of_another_lora_config() {
+        let (mut model, batch) = crate::testing::tiny_nft_model_and_batch(5);
+        let mut trainer = NftTrainer::new(&mut model, test_config()).unwrap();
+        trainer.train_step(&model, &batch).unwrap();
+        let mut state = trainer.state(&model, serde_json::Value::Null).unwrap();
+        let (name, t) = state.tensors.remove(0);
+        state.tensors.push((name.clone(), t.narrow(0, 0, 2)));
+        let err = trainer
+            .restore(&model, state, Path::new("ckpt/step_1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ckpt/step_1") && err.contains(&name) && err.contains("shape"),
+            "{err}"
+        );
     }
 }

@@ -99,3 +99,20 @@ pub fn tiny_nft_model_and_batch(
     };
     (model, batch)
 }
+
+/// The venv's python (for checks that load our outputs with diffusers/PEFT);
+/// `None` (after a note) without `VIRTUAL_ENV`, a panic when parity is required.
+pub fn python() -> Option<std::path::PathBuf> {
+    let py = std::env::var_os("VIRTUAL_ENV")
+        .map(|v| std::path::PathBuf::from(v).join("bin").join("python"));
+    match py.filter(|p| p.exists()) {
+        Some(p) => Some(p),
+        None if std::env::var("SANA_PARITY_REQUIRED").is_ok_and(|v| v == "1") => {
+            panic!("VIRTUAL_ENV is not set: source scripts/env.sh to run the PEFT/diffusers export check")
+        }
+        None => {
+            eprintln!("skipping: VIRTUAL_ENV is not set (source scripts/env.sh)");
+            None
+        }
+    }
+}

@@ -11,7 +11,7 @@ use super::io::{read_safetensors_with_metadata, write_safetensors_with_metadata}
 use super::*;
 use crate::models::transformers::sana_transformer::TransformerInputs;
 use crate::models::{SanaTransformer2DModel, SanaTransformerConfig};
-use crate::testing::{load_named, max_abs_diff, parity_case};
+use crate::testing::{load_named, max_abs_diff, parity_case, python};
 
 const TOL: f64 = 1e-4;
 
@@ -231,20 +231,6 @@ fn init_matches_peft_kaiming() {
 #[test]
 fn init_matches_peft_random_false() {
     check_init("regex");
-}
-
-fn python() -> Option<PathBuf> {
-    let py = std::env::var_os("VIRTUAL_ENV").map(|v| PathBuf::from(v).join("bin").join("python"));
-    match py.filter(|p| p.exists()) {
-        Some(p) => Some(p),
-        None if std::env::var("SANA_PARITY_REQUIRED").is_ok_and(|v| v == "1") => {
-            panic!("VIRTUAL_ENV is not set: source scripts/env.sh to run the PEFT/diffusers export check")
-        }
-        None => {
-            eprintln!("skipping: VIRTUAL_ENV is not set (source scripts/env.sh)");
-            None
-        }
-    }
 }
 
 fn json_file(path: &Path) -> serde_json::Value {

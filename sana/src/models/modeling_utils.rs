@@ -184,9 +184,73 @@ pub fn load_weights_renamed(
     Ok(())
 }
 
+/// diffusers' `save_pretrained(max_shard_size=…)` default: "10GB".
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 10_000_000_000;
+
+/// How [`save_pretrained_with`] writes the weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SaveOptions {
+    /// Cast to this dtype (None: as the parameters are).
+    pub kind: Option<tch::Kind>,
+    /// Bytes per file before sharding, as diffusers' `max_shard_size`.
+    pub max_shard_size: u64,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            max_shard_size: DEFAULT_MAX_SHARD_SIZE,
+        }
+    }
+}
+
+/// Parses a size as diffusers and huggingface_hub take it: `"10GB"`, `"500MB"`,
+/// `"5GiB"`, or a plain number of bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as \"10GB\" or \"500MB\""))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
+        "TIB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use KB, MB, GB, GiB, …)"
+            ))
+        }
+    };
+    Ok((n * mult as f64) as u64)
+}
+
 /// Writes `config.json` and `diffusion_pytorch_model.safetensors` like diffusers'
 /// `save_pretrained` (single file; tensors saved contiguous, in their own dtype).
 pub fn save_pretrained<C: ModelConfig>(vs: &nn::VarStore, config: &C, dir: &Path) -> Result<()> {
+    save_pretrained_with(vs, config, dir, &SaveOptions::default())
+}
+
+/// [`save_pretrained`] with a dtype and diffusers' sharding: past `max_shard_size`
+/// the weights go to `diffusion_pytorch_model-0000i-of-0000n.safetensors` plus
+/// `diffusion_pytorch_model.safetensors.index.json`, split as huggingface_hub's
+/// `split_torch_state_dict_into_shards` splits them. Weight files of an earlier
+/// save in `dir` that this one does not write are removed, as diffusers does.
+pub fn save_pretrained_with<C: ModelConfig>(
+    vs: &nn::VarStore,
+    config: &C,
+    dir: &Path,
+    opts: &SaveOptions,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| SanaError::io(dir, e))?;
     let mut json = serde_json::to_value(config).expect("config serialises");
     if let Some(map) = json.as_object_mut() {
@@ -200,12 +264,79 @@ pub fn save_pretrained<C: ModelConfig>(vs: &nn::VarStore, config: &C, dir: &Path
     let mut named: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
-        .map(|(k, v)| (k, v.contiguous()))
+        .map(|(k, v)| {
+            let v = v.detach();
+            let v = match opts.kind {
+                Some(kind) => v.to_kind(kind),
+                None => v,
+            };
+            (k, v.contiguous())
+        })
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    let path = dir.join(WEIGHTS_NAME);
-    Tensor::write_safetensors(&named, &path).map_err(|e| SanaError::Weights {
-        path: path.clone(),
-        msg: format!("cannot write safetensors: {e}"),
-    })
+
+    // huggingface_hub's greedy split: a tensor larger than the limit gets a shard of its own.
+    let mut shards: Vec<Vec<(String, Tensor)>> = Vec::new();
+    let (mut current, mut current_size) = (Vec::new(), 0u64);
+    let mut total_size = 0u64;
+    for (k, t) in named {
+        let size = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        total_size += size;
+        if size > opts.max_shard_size {
+            shards.push(vec![(k, t)]);
+            continue;
+        }
+        if current_size + size > opts.max_shard_size && !current.is_empty() {
+            shards.push(std::mem::take(&mut current));
+            current_size = 0;
+        }
+        current.push((k, t));
+        current_size += size;
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
+    let n = shards.len();
+    let file_name = |i: usize| {
+        if n == 1 {
+            WEIGHTS_NAME.to_string()
+        } else {
+            format!("diffusion_pytorch_model-{:05}-of-{n:05}.safetensors", i + 1)
+        }
+    };
+    let written: BTreeSet<String> = (0..n).map(file_name).collect();
+    // Remove weights of an earlier save (another shard count) so loading finds only this one.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with("diffusion_pytorch_model")
+                && (name.ends_with(".safetensors") || name == WEIGHTS_INDEX_NAME);
+            if ours && !written.contains(&name) {
+                std::fs::remove_file(e.path()).map_err(|err| SanaError::io(e.path(), err))?;
+            }
+        }
+    }
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let name = file_name(i);
+        let path = dir.join(&name);
+        Tensor::write_safetensors(shard, &path).map_err(|e| SanaError::Weights {
+            path: path.clone(),
+            msg: format!("cannot write safetensors: {e}"),
+        })?;
+        for (k, _) in shard {
+            weight_map.insert(k.clone(), name.clone());
+        }
+    }
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total_size},
+            "weight_map": weight_map,
+        });
+        let path = dir.join(WEIGHTS_INDEX_NAME);
+        let text = serde_json::to_string_pretty(&index).expect("json") + "\n";
+        std::fs::write(&path, text).map_err(|e| SanaError::io(&path, e))?;
+    }
+    tracing::info!(dir = %dir.display(), shards = n, total_size, "model saved");
+    Ok(())
 }

@@ -381,6 +381,31 @@ impl NftTrainer {
 }
 
 impl NftTrainer {
+    /// Writes the trained adapter for users (PEFT folder + diffusers file, see
+    /// `LoraAdapters::export`): the EMA weights when EMA is on, as Cosmos-RL exports.
+    pub fn export_adapter(&self, model: &SanaTransformer2DModel, dir: &Path) -> Result<()> {
+        let Some(ema) = &self.ema else {
+            return model.lora.export(TRAINED_ADAPTER, dir);
+        };
+        let live: Vec<Tensor> = self
+            .optimizer
+            .params
+            .iter()
+            .map(|p| p.detach().copy())
+            .collect();
+        let swap = |from: &[Tensor]| {
+            tch::no_grad(|| {
+                for (p, v) in self.optimizer.params.iter().zip(from) {
+                    p.shallow_clone().copy_(v);
+                }
+            })
+        };
+        swap(&ema.shadow);
+        let res = model.lora.export(TRAINED_ADAPTER, dir);
+        swap(&live);
+        res
+    }
+
     /// Everything to continue this run: the trained and "old" adapters, AdamW's
     /// moments and step, the EMA, the step and seed, and `data` (the caller's
     /// position in its prompts). The base model is not saved: it is the pretrained one.
@@ -830,6 +855,33 @@ mod tests {
         assert!(
             err.contains("ckpt/step_1") && err.contains(&name) && err.contains("shape"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_export_holds_the_ema_weights_and_training_is_untouched() {
+        let (mut model, batch) = crate::testing::tiny_nft_model_and_batch(8);
+        let mut trainer = NftTrainer::new(&mut model, test_config()).unwrap();
+        for _ in 0..2 {
+            trainer.train_step(&model, &batch).unwrap();
+        }
+        let before = snapshot(&model, &trainer);
+        let dir = tempfile::tempdir().unwrap();
+        trainer.export_adapter(&model, dir.path()).unwrap();
+        for ((n, a), (_, b)) in snapshot(&model, &trainer).iter().zip(&before) {
+            assert!(a.equal(b), "{n} changed by the export");
+        }
+        let mut again = crate::testing::tiny_nft_model_and_batch(8).0;
+        again.lora.load_adapter("exported", dir.path()).unwrap();
+        let exported = again.lora.adapter_parameters("exported").unwrap();
+        let ema = &trainer.ema.as_ref().unwrap().shadow;
+        assert_eq!(exported.len(), ema.len());
+        for ((n, e), s) in exported.iter().zip(ema) {
+            assert!(e.equal(s), "{n}: the export is not the EMA");
+        }
+        assert!(
+            !ema[1].equal(&trainer.optimizer.params[1]),
+            "EMA must differ from the live weights here"
         );
     }
 }

@@ -498,6 +498,16 @@ impl SanaTransformer2DModel {
         modeling_utils::save_pretrained(&self.vs, &self.config, dir)
     }
 
+    /// `save_pretrained` in a chosen dtype, sharded past `max_shard_size`: the
+    /// full-weight export users load with diffusers' `from_pretrained`.
+    pub fn save_pretrained_with(
+        &self,
+        dir: &Path,
+        opts: &modeling_utils::SaveOptions,
+    ) -> Result<()> {
+        modeling_utils::save_pretrained_with(&self.vs, &self.config, dir, opts)
+    }
+
     /// Casts all parameters (fp32 / bf16 / fp16), LoRA adapters included.
     pub fn set_kind(&mut self, kind: Kind) {
         self.vs.set_kind(kind);
@@ -824,6 +834,90 @@ mod tests {
         )
         .unwrap();
         SanaTransformer2DModel::from_pretrained(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    }
+
+    /// The full-weight export: fp32 and bf16, sharded past a small limit, loads
+    /// back in sana-rl and in diffusers' `from_pretrained` with the same output.
+    #[test]
+    fn full_weight_export_loads_in_diffusers() {
+        use crate::models::modeling_utils::{SaveOptions, WEIGHTS_INDEX_NAME, WEIGHTS_NAME};
+        let Some(dir) = parity_case("transformer_sana15") else {
+            return;
+        };
+        let model =
+            SanaTransformer2DModel::from_pretrained(&dir.join("model"), Device::Cpu, Kind::Float)
+                .unwrap();
+        let inputs = dir.join("inputs.safetensors");
+        for (kind, shard, tol) in [(Kind::Float, 20_000, 1e-5), (Kind::BFloat16, 10_000, 1e-4)] {
+            let out = tempfile::tempdir().unwrap();
+            let opts = SaveOptions {
+                kind: Some(kind),
+                max_shard_size: shard,
+            };
+            // A first unsharded save: the sharded one must replace its weight file.
+            model.save_pretrained(out.path()).unwrap();
+            model.save_pretrained_with(out.path(), &opts).unwrap();
+            assert!(!out.path().join(WEIGHTS_NAME).exists());
+            let index: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.path().join(WEIGHTS_INDEX_NAME)).unwrap(),
+            )
+            .unwrap();
+            let files: std::collections::BTreeSet<&str> = index["weight_map"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert!(files.len() > 2, "{kind:?}: {files:?}");
+            for f in &files {
+                let size = std::fs::metadata(out.path().join(f)).unwrap().len();
+                assert!(size < shard + 4096, "{f}: {size} bytes");
+                let t = Tensor::read_safetensors(out.path().join(f)).unwrap();
+                assert!(t.iter().all(|(_, t)| t.kind() == kind));
+            }
+            // Ours, computing in fp32 from the exported values.
+            let again =
+                SanaTransformer2DModel::from_pretrained(out.path(), Device::Cpu, Kind::Float)
+                    .unwrap();
+            let (ours, _) = run_case(&again, &dir);
+            if kind == Kind::Float {
+                let (orig, _) = run_case(&model, &dir);
+                assert_eq!(max_abs_diff(&ours, &orig), 0.0);
+            }
+            let expected = out.path().join("expected.safetensors");
+            Tensor::write_safetensors(&[("sample", &ours.contiguous())], &expected).unwrap();
+            let Some(py) = crate::testing::python() else {
+                return;
+            };
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../scripts/parity/check_transformer_export.py"
+            );
+            let res = std::process::Command::new(py)
+                .args([script.as_ref(), out.path().as_os_str(), inputs.as_os_str()])
+                .arg(&expected)
+                .arg(tol.to_string())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&res.stdout);
+            eprintln!("{stdout}");
+            assert!(
+                res.status.success(),
+                "diffusers rejected our {kind:?} export:\n{stdout}\n{}",
+                String::from_utf8_lossy(&res.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_parse_as_diffusers_writes_them() {
+        use crate::models::modeling_utils::parse_size;
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("5GiB"), Ok(5 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert!(parse_size("ten").unwrap_err().contains("expected a size"));
+        assert!(parse_size("3XB").unwrap_err().contains("unknown unit"));
     }
 
     #[test]

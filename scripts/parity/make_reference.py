@@ -134,6 +134,7 @@ def main() -> None:
     __import__("text_encoder").write_text_encoder_cases(out)
     __import__("training").write_training_cases(out)  # scripts/parity/training.py (NFT loss)
     __import__("nft_step").write_nft_step_cases(out)  # scripts/parity/nft_step.py (whole NFT steps, PEFT)
+    __import__("sft_step").write_sft_step_cases(out)  # scripts/parity/sft_step.py (SFT steps, full and LoRA)
     __import__("pipeline").write_pipeline_cases(out)  # scripts/parity/pipeline.py (full SanaPipeline)
     __import__("lora").write_lora_cases(out)  # scripts/parity/lora.py (PEFT / diffusers LoRA)
     print(f"parity references written to {out}")

@@ -9,3 +9,5 @@ pub mod nft;
 pub mod nft_trainer;
 pub mod optim;
 pub mod sft;
+pub mod sft_trainer;
+pub mod trainable;

@@ -15,11 +15,12 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::checkpoint::{take_tensor, TrainingState};
-use super::ema::{weight_copy_decay, Ema};
+use super::checkpoint::TrainingState;
+use super::ema::weight_copy_decay;
 use super::lr_schedule::LrSchedule;
 use super::nft::{nft_loss, noised, NftLossConfig, NftPredictions, NftSample, NftTerms};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::AdamWConfig;
+use super::trainable::{copy_in, TrainTarget, TrainedParams};
 use crate::lora::ActiveAdapter;
 use crate::models::transformers::sana_transformer::{SanaTransformer2DModel, TransformerInputs};
 use crate::{Result, SanaError};
@@ -189,8 +190,8 @@ impl Accumulated {
 #[derive(Debug)]
 pub struct NftTrainer {
     pub config: NftTrainerConfig,
-    pub optimizer: AdamW,
-    pub ema: Option<Ema>,
+    /// The "default" adapter's tensors, AdamW and EMA.
+    pub params: TrainedParams,
     /// Completed steps; the next step is `step + 1` (Cosmos-RL's 1-based `current_step`).
     pub step: u64,
 }
@@ -217,13 +218,9 @@ impl NftTrainer {
             return Err(SanaError::input("mu_iterations", "must be at least 1"));
         }
         model.lora.copy_adapter(TRAINED_ADAPTER, OLD_ADAPTER)?;
-        let params = trainable_params(model)?;
-        let ema = config
-            .ema
-            .map(|(decay, every)| Ema::new(&params, decay, every));
+        let named = TrainTarget::Lora(TRAINED_ADAPTER.into()).parameters(model)?;
         Ok(Self {
-            optimizer: AdamW::new(params, config.optimizer),
-            ema,
+            params: TrainedParams::new(named, config.optimizer, config.ema),
             step: 0,
             config,
         })
@@ -298,7 +295,8 @@ impl NftTrainer {
                         acc.add(&terms);
                     }
                 }
-                grad_norm_sum += self.optimizer_step(lr, current);
+                // Cosmos-RL's `all_reduce_states` on one rank, then the EMA step.
+                grad_norm_sum += self.params.step(lr, cfg.grad_norm_clip, current);
                 optimizer_steps += 1;
             }
         }
@@ -367,43 +365,14 @@ impl NftTrainer {
         };
         Ok(nft_loss(&self.config.loss, &sample, &preds))
     }
-
-    /// Clip, AdamW step, zero grads, EMA: Cosmos-RL's `all_reduce_states` on one rank.
-    fn optimizer_step(&mut self, lr: f64, current_step: u64) -> f64 {
-        let norm = clip_grad_norm(&self.optimizer.params, self.config.grad_norm_clip);
-        self.optimizer.step(lr);
-        self.optimizer.zero_grad();
-        if let Some(ema) = &mut self.ema {
-            ema.step(&self.optimizer.params, current_step);
-        }
-        norm
-    }
 }
 
 impl NftTrainer {
     /// Writes the trained adapter for users (PEFT folder + diffusers file, see
     /// `LoraAdapters::export`): the EMA weights when EMA is on, as Cosmos-RL exports.
     pub fn export_adapter(&self, model: &SanaTransformer2DModel, dir: &Path) -> Result<()> {
-        let Some(ema) = &self.ema else {
-            return model.lora.export(TRAINED_ADAPTER, dir);
-        };
-        let live: Vec<Tensor> = self
-            .optimizer
-            .params
-            .iter()
-            .map(|p| p.detach().copy())
-            .collect();
-        let swap = |from: &[Tensor]| {
-            tch::no_grad(|| {
-                for (p, v) in self.optimizer.params.iter().zip(from) {
-                    p.shallow_clone().copy_(v);
-                }
-            })
-        };
-        swap(&ema.shadow);
-        let res = model.lora.export(TRAINED_ADAPTER, dir);
-        swap(&live);
-        res
+        self.params
+            .with_ema_weights(|| model.lora.export(TRAINED_ADAPTER, dir))
     }
 
     /// Everything to continue this run: the trained and "old" adapters, AdamW's
@@ -414,22 +383,8 @@ impl NftTrainer {
         model: &SanaTransformer2DModel,
         data: serde_json::Value,
     ) -> Result<TrainingState> {
-        let trained = model.lora.adapter_parameters(TRAINED_ADAPTER)?;
-        let mut tensors = Vec::with_capacity(trained.len() * 5);
-        for (i, (name, t)) in trained.iter().enumerate() {
-            tensors.push((format!("trained/{name}"), t.shallow_clone()));
-            tensors.push((
-                format!("exp_avg/{name}"),
-                self.optimizer.exp_avg[i].shallow_clone(),
-            ));
-            tensors.push((
-                format!("exp_avg_sq/{name}"),
-                self.optimizer.exp_avg_sq[i].shallow_clone(),
-            ));
-            if let Some(ema) = &self.ema {
-                tensors.push((format!("ema/{name}"), ema.shadow[i].shallow_clone()));
-            }
-        }
+        let mut tensors = Vec::new();
+        self.params.push_state(&mut tensors);
         for (name, t) in model.lora.adapter_parameters(OLD_ADAPTER)? {
             tensors.push((format!("old/{name}"), t));
         }
@@ -437,7 +392,7 @@ impl NftTrainer {
             step: self.step,
             meta: serde_json::json!({
                 "trainer": "diffusion_nft",
-                "optimizer_step": self.optimizer.step,
+                "optimizer_step": self.params.optimizer.step,
                 "seed": self.config.seed,
                 "data": data,
             }),
@@ -463,50 +418,19 @@ impl NftTrainer {
                 state.meta["trainer"]
             )));
         }
+        let optimizer_step = state.meta["optimizer_step"]
+            .as_u64()
+            .ok_or_else(|| bad("trainer.json has no optimizer_step".into()))?;
         let mut tensors: HashMap<String, Tensor> = state.tensors.into_iter().collect();
-        let trained = model.lora.adapter_parameters(TRAINED_ADAPTER)?;
-        let has_ema = tensors.keys().any(|k| k.starts_with("ema/"));
-        fn put(
-            tensors: &mut HashMap<String, Tensor>,
-            key: &str,
-            dst: &Tensor,
-            source: &Path,
-        ) -> Result<()> {
-            let t = take_tensor(tensors, key, dst, source)?;
-            dst.shallow_clone().copy_(&t.to_device(dst.device()));
-            Ok(())
+        self.params
+            .restore_state(&mut tensors, optimizer_step, source)?;
+        for (name, p) in model.lora.adapter_parameters(OLD_ADAPTER)? {
+            copy_in(&mut tensors, &format!("old/{name}"), &p, source)?;
         }
-        tch::no_grad(|| -> Result<()> {
-            for (i, (name, p)) in trained.iter().enumerate() {
-                put(&mut tensors, &format!("trained/{name}"), p, source)?;
-                let m = &self.optimizer.exp_avg[i];
-                put(&mut tensors, &format!("exp_avg/{name}"), m, source)?;
-                let v = &self.optimizer.exp_avg_sq[i];
-                put(&mut tensors, &format!("exp_avg_sq/{name}"), v, source)?;
-                match (&self.ema, has_ema) {
-                    (Some(ema), true) => {
-                        put(&mut tensors, &format!("ema/{name}"), &ema.shadow[i], source)?
-                    }
-                    (Some(ema), false) => ema.shadow[i].shallow_clone().copy_(p),
-                    (None, _) => {
-                        tensors.remove(&format!("ema/{name}"));
-                    }
-                }
-            }
-            for (name, p) in model.lora.adapter_parameters(OLD_ADAPTER)? {
-                put(&mut tensors, &format!("old/{name}"), &p, source)?;
-            }
-            Ok(())
-        })?;
         if let Some(extra) = tensors.keys().min() {
             return Err(bad(format!(
                 "tensor `{extra}` fits no parameter of this model's adapters (a different LoRA config?)"
             )));
-        }
-        if self.ema.is_some() && !has_ema {
-            tracing::warn!(
-                "the checkpoint has no EMA (ema_enable was off): EMA restarts from the weights"
-            );
         }
         let saved_seed = state.meta["seed"].as_u64();
         if saved_seed != Some(self.config.seed) {
@@ -516,25 +440,9 @@ impl NftTrainer {
                 "resuming with another seed: the run will not repeat an uninterrupted one"
             );
         }
-        self.optimizer.step = state.meta["optimizer_step"]
-            .as_u64()
-            .ok_or_else(|| bad("trainer.json has no optimizer_step".into()))?;
         self.step = state.step;
         Ok(state.meta["data"].clone())
     }
-}
-
-/// The trained adapter's tensors, frozen base and "old" around them.
-fn trainable_params(model: &mut SanaTransformer2DModel) -> Result<Vec<Tensor>> {
-    model.vs.freeze();
-    model.lora.set_trainable(OLD_ADAPTER, false)?;
-    model.lora.set_trainable(TRAINED_ADAPTER, true)?;
-    Ok(model
-        .lora
-        .adapter_parameters(TRAINED_ADAPTER)?
-        .into_iter()
-        .map(|(_, t)| t)
-        .collect())
 }
 
 #[cfg(test)]
@@ -649,7 +557,7 @@ mod tests {
         let names = model.lora.adapter_parameters(TRAINED_ADAPTER).unwrap();
         assert_eq!(names.len(), grads.len());
         let mut worst = 0.0f64;
-        for ((name, _), m1) in names.iter().zip(&trainer.optimizer.exp_avg) {
+        for ((name, _), m1) in names.iter().zip(&trainer.params.optimizer.exp_avg) {
             let g = m1 / ((1.0 - cfg.optimizer.betas.0) * coef);
             worst = worst.max(rel_err(&g, &grads[name]));
         }
@@ -678,16 +586,19 @@ mod tests {
             let mut worst = [0.0f64; 5];
             let default = model.lora.adapter_parameters(TRAINED_ADAPTER).unwrap();
             let old = model.lora.adapter_parameters(OLD_ADAPTER).unwrap();
-            let ema = &trainer.ema.as_ref().unwrap().shadow;
+            let ema = &trainer.params.ema.as_ref().unwrap().shadow;
             for (i, (name, p)) in default.iter().enumerate() {
                 let old_name = name.replace(".default.", ".old.");
                 assert_eq!(old[i].0, old_name);
                 let pairs = [
                     (p, format!("default.{name}")),
                     (&old[i].1, format!("old.{old_name}")),
-                    (&trainer.optimizer.exp_avg[i], format!("exp_avg.{name}")),
                     (
-                        &trainer.optimizer.exp_avg_sq[i],
+                        &trainer.params.optimizer.exp_avg[i],
+                        format!("exp_avg.{name}"),
+                    ),
+                    (
+                        &trainer.params.optimizer.exp_avg_sq[i],
                         format!("exp_avg_sq.{name}"),
                     ),
                     (&ema[i], format!("ema.{name}")),
@@ -874,13 +785,13 @@ mod tests {
         let mut again = crate::testing::tiny_nft_model_and_batch(8).0;
         again.lora.load_adapter("exported", dir.path()).unwrap();
         let exported = again.lora.adapter_parameters("exported").unwrap();
-        let ema = &trainer.ema.as_ref().unwrap().shadow;
+        let ema = &trainer.params.ema.as_ref().unwrap().shadow;
         assert_eq!(exported.len(), ema.len());
         for ((n, e), s) in exported.iter().zip(ema) {
             assert!(e.equal(s), "{n}: the export is not the EMA");
         }
         assert!(
-            !ema[1].equal(&trainer.optimizer.params[1]),
+            !ema[1].equal(&trainer.params.params()[1]),
             "EMA must differ from the live weights here"
         );
     }

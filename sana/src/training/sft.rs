@@ -44,10 +44,10 @@ impl WeightingScheme {
     pub fn sample(&self, batch: i64) -> Tensor {
         let opts = (Kind::Float, tch::Device::Cpu);
         match *self {
-            Self::LogitNormal { mean, std } => Tensor::randn([batch], opts)
-                .g_mul_scalar(std)
-                .g_add_scalar(mean)
-                .sigmoid(),
+            // `torch.normal(mean, std, size)`: the draw scaled in double, as torch does.
+            Self::LogitNormal { mean, std } => {
+                Tensor::empty([batch], opts).normal_(mean, std).sigmoid()
+            }
             Self::Mode { scale } => {
                 let u = Tensor::rand([batch], opts);
                 let c = (&u * (std::f64::consts::PI / 2.0)).cos().square();

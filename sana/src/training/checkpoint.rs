@@ -576,4 +576,77 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The child of `a_save_killed_mid_write_leaves_the_previous_usable`: saves
+    /// 32 MB checkpoints in a loop until killed. Only runs when asked to.
+    #[test]
+    #[ignore = "run by a_save_killed_mid_write_leaves_the_previous_usable"]
+    fn child_saves_until_killed() {
+        let Some(root) = std::env::var_os("SANA_CKPT_CHILD_DIR") else {
+            return;
+        };
+        let mut m = CheckpointManager::new(PathBuf::from(root), SaveMode::Sync, 0);
+        for step in 1.. {
+            let big = Tensor::full([8 << 20], step as f64, (Kind::Float, Device::Cpu));
+            m.save(&TrainingState {
+                step,
+                meta: serde_json::json!({}),
+                tensors: vec![("big".into(), big)],
+            })
+            .unwrap();
+        }
+    }
+
+    /// A real SIGKILL while a checkpoint is being written: the newest committed
+    /// checkpoint still verifies and loads, the half-written one is never used.
+    #[test]
+    fn a_save_killed_mid_write_leaves_the_previous_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "training::checkpoint::tests::child_saves_until_killed",
+                "--ignored",
+            ])
+            .env("SANA_CKPT_CHILD_DIR", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for a save in flight after at least one committed checkpoint.
+        let started = std::time::Instant::now();
+        let in_flight = loop {
+            let committed = dir.path().join("step_1").exists();
+            let tmp = std::fs::read_dir(dir.path()).ok().and_then(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|n| n.starts_with(".step_") && n != ".step_1.tmp")
+            });
+            if let (true, Some(tmp)) = (committed, tmp) {
+                child.kill().unwrap();
+                break tmp;
+            }
+            assert!(
+                started.elapsed().as_secs() < 60,
+                "the child never started a second save"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        child.wait().unwrap();
+        let killed_step: u64 = in_flight
+            .trim_start_matches(".step_")
+            .trim_end_matches(".tmp")
+            .parse()
+            .unwrap();
+        let m = CheckpointManager::new(dir.path(), SaveMode::Sync, 0);
+        let r = m.load_latest().unwrap().unwrap();
+        assert!(r.state.step < killed_step || !dir.path().join(&in_flight).exists());
+        let big = &r.state.tensors[0].1;
+        assert_eq!(big.size(), vec![8 << 20]);
+        assert_eq!(big.double_value(&[12345]), r.state.step as f64);
+        eprintln!(
+            "killed while writing step {killed_step}; resumed from step {}",
+            r.state.step
+        );
+    }
 }

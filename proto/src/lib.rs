@@ -1,9 +1,9 @@
 //! `proto`: the gRPC services and messages between sana-rl's processes.
 //!
-//! Now: the reward gateway's service (`reward::v1`, from
-//! `proto/sana_rl/reward_gateway.proto`). The controller/worker services
-//! (registration, heartbeats, prompt batches, trajectories, weight updates) are
-//! issue 6's.
+//! `reward::v1`: the reward gateway's service (`proto/sana_rl/reward_gateway.proto`).
+//! `runtime::v1`: the controller's calls into rollout and policy workers
+//! (`proto/sana_rl/runtime.proto`): health, prompt batches and trajectories,
+//! training batches, versioned weight chunks, checkpoints, shutdown.
 
 /// The reward gateway's API (`sana_rl.reward.v1`).
 pub mod reward {
@@ -11,3 +11,13 @@ pub mod reward {
         tonic::include_proto!("sana_rl.reward.v1");
     }
 }
+
+/// Controller ↔ worker services (`sana_rl.runtime.v1`).
+pub mod runtime {
+    pub mod v1 {
+        tonic::include_proto!("sana_rl.runtime.v1");
+    }
+}
+
+#[cfg(feature = "tensors")]
+pub mod tensors;

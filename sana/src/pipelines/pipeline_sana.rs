@@ -76,6 +76,12 @@ pub struct GenerateOutput {
     pub images: Tensor,
     /// `[B, C, h, w]` final denoised latents (before the VAE), fp32.
     pub latents: Tensor,
+    /// The sampler's timesteps (0..1000 scale, before `timestep_scale`), in order:
+    /// what DiffusionNFT trains on.
+    pub timesteps: Vec<f64>,
+    /// The positive caption embeddings and mask the samples were drawn with.
+    pub prompt_embeds: Tensor,
+    pub prompt_attention_mask: Tensor,
 }
 
 /// diffusers' `SanaPipeline`, loaded from a `save_pretrained` directory.
@@ -266,7 +272,13 @@ impl SanaPipeline {
         };
         // PixArtImageProcessor.postprocess: denormalise [-1, 1] → [0, 1].
         let images = (image / 2.0 + 0.5).clamp(0.0, 1.0);
-        Ok(GenerateOutput { images, latents })
+        Ok(GenerateOutput {
+            images,
+            latents,
+            timesteps: scheduler.timesteps().to_vec(),
+            prompt_embeds: positive.embeds,
+            prompt_attention_mask: positive.mask,
+        })
     }
 }
 

@@ -5,7 +5,9 @@
 //! `schedulers/` (one file per scheduler), `pipelines/` (sampling loops).
 
 pub mod cli;
+pub mod config;
 pub mod config_json;
+pub mod data;
 pub mod error;
 pub mod lora;
 pub mod models;

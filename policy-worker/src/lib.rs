@@ -1,7 +1,350 @@
-//! `policy-worker`: Runs NFT/SFT updates of the SANA transformer through libtorch, data-parallel and FSDP-style.
-//!
-//! Not built yet: this crate reserves its place in the workspace layout; its
-//! work is tracked in issue 6.
+//! The policy worker: holds the trainable SANA transformer (LoRA "default" and
+//! "old" for DiffusionNFT), its optimizer, EMA and checkpoints, and runs the
+//! training steps the controller sends (`sana_rl.runtime.v1.PolicyWorker`).
+//! All tensor work runs on a blocking thread; the gRPC side only moves bytes.
 
-/// The issue that builds this process role.
-pub const TRACKING_ISSUE: u32 = 6;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use futures::Stream;
+use proto::runtime::v1::policy_worker_server::{PolicyWorker, PolicyWorkerServer};
+use proto::runtime::v1::*;
+use proto::tensors::{take, to_wire};
+use sana::config::runtime::{lora_config, nft_trainer_config, resolve_model_dir};
+use sana::config::RunConfig;
+use sana::models::SanaTransformer2DModel;
+use sana::training::checkpoint::{CheckpointManager, SaveMode};
+use sana::training::nft_trainer::{NftBatch, NftTrainer, OLD_ADAPTER, TRAINED_ADAPTER};
+use tch::{Device, Kind};
+use tonic::{Request, Response, Status};
+
+/// How the controller started this worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSetup {
+    pub config: RunConfig,
+    /// The config file's directory: relative paths in it are relative to it... or to the cwd.
+    pub base_dir: PathBuf,
+    pub rank: u32,
+    pub device: Device,
+    /// Optimizer-schedule length (the run's steps), for the LR schedule.
+    pub total_steps: u64,
+    /// The run's output directory (checkpoints under `checkpoints/`, exports under `safetensors/`).
+    pub output_dir: PathBuf,
+}
+
+struct State {
+    model: SanaTransformer2DModel,
+    trainer: NftTrainer,
+    ckpt: CheckpointManager,
+    /// What the worker is doing, for health replies.
+    activity: String,
+}
+
+/// The gRPC service.
+pub struct PolicyService {
+    setup: WorkerSetup,
+    state: Arc<Mutex<State>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Builds the model, adapters and trainer (minutes for a large model: done before serving).
+fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
+    let c = &setup.config;
+    let model_dir = resolve_model_dir(&c.policy.model_name_or_path, &setup.base_dir)?;
+    let lora = c
+        .policy
+        .lora
+        .as_ref()
+        .context("DiffusionNFT trains a LoRA: [policy.lora] is required")?;
+    // Master weights in fp32; compute in fp32 too (mixed precision arrives with FSDP).
+    let mut model = SanaTransformer2DModel::from_pretrained(
+        &model_dir.join("transformer"),
+        setup.device,
+        Kind::Float,
+    )
+    .with_context(|| format!("loading the transformer of {}", model_dir.display()))?;
+    // Adapter init draws random numbers: seed them so every run (and a resume) starts alike.
+    tch::manual_seed(c.seed() as i64);
+    let lcfg = lora_config(lora)?;
+    match &lora.lora_path {
+        Some(p) => {
+            let path = setup.base_dir.join(p);
+            model
+                .lora
+                .load_adapter(TRAINED_ADAPTER, &path)
+                .with_context(|| format!("policy.lora.lora_path {}", path.display()))?;
+        }
+        None => model.lora.add_adapter(TRAINED_ADAPTER, &lcfg)?,
+    }
+    model.lora.add_adapter(OLD_ADAPTER, &lcfg)?;
+    let trainer = NftTrainer::new(&mut model, nft_trainer_config(c, setup.total_steps)?)?;
+    let mode = if c.train.ckpt.save_mode == "sync" {
+        SaveMode::Sync
+    } else {
+        SaveMode::Async
+    };
+    let keep = if c.train.ckpt.max_keep < 0 {
+        0
+    } else {
+        c.train.ckpt.max_keep as usize
+    };
+    let ckpt = CheckpointManager::new(setup.output_dir.join("checkpoints"), mode, keep);
+    Ok(State {
+        model,
+        trainer,
+        ckpt,
+        activity: "idle".into(),
+    })
+}
+
+impl PolicyService {
+    pub fn new(setup: WorkerSetup, stop: tokio::sync::watch::Sender<bool>) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let state = build_state(&setup)?;
+        tracing::info!(
+            rank = setup.rank,
+            device = ?setup.device,
+            secs = started.elapsed().as_secs_f64(),
+            "policy worker ready"
+        );
+        Ok(Self {
+            setup,
+            state: Arc::new(Mutex::new(state)),
+            stop,
+        })
+    }
+
+    /// Runs `f` on the state on a blocking thread.
+    async fn with_state<T: Send + 'static>(
+        &self,
+        activity: String,
+        f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = state.lock().map_err(|_| Status::internal("a previous call panicked"))?;
+            s.activity = activity;
+            let out = f(&mut s);
+            s.activity = "idle".into();
+            out
+        })
+        .await
+        .map_err(internal)?
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PolicyWorker for PolicyService {
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
+        // try_lock: a busy worker is healthy; say what it is doing.
+        let (version, state) = match self.state.try_lock() {
+            Ok(s) => (s.trainer.step, s.activity.clone()),
+            Err(_) => (0, "busy".into()),
+        };
+        Ok(Response::new(HealthReply {
+            role: "policy".into(),
+            rank: self.setup.rank,
+            pid: std::process::id(),
+            device: format!("{:?}", self.setup.device),
+            weight_version: version,
+            state,
+        }))
+    }
+
+    async fn train_nft(&self, req: Request<TrainBatch>) -> Result<Response<StepResult>, Status> {
+        let req = req.into_inner();
+        let device = self.setup.device;
+        let step = req.step;
+        self.with_state(format!("training step {step}"), move |s| {
+            if step != s.trainer.step + 1 {
+                return Err(Status::failed_precondition(format!(
+                    "asked to train step {step}, but this worker has done {} steps",
+                    s.trainer.step
+                )));
+            }
+            let t = |name: &str| {
+                take(&req.tensors, name)
+                    .map(|x| x.to_device(device))
+                    .map_err(|e| Status::invalid_argument(e.to_string()))
+            };
+            let batch = NftBatch {
+                latents_clean: t("latents_clean")?,
+                timesteps: t("timesteps")?,
+                prompt_embeds: t("prompt_embeds")?.to_kind(s.model.kind()),
+                prompt_attention_mask: t("prompt_attention_mask")?,
+                advantages: t("advantages")?,
+            };
+            let started = Instant::now();
+            let m = s
+                .trainer
+                .train_step(&s.model, &batch)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Response::new(StepResult {
+                step: m.step,
+                metrics_json: serde_json::to_string(&m).map_err(internal)?,
+                skipped: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await
+    }
+
+    async fn train_sft(&self, _: Request<SftBatch>) -> Result<Response<StepResult>, Status> {
+        Err(Status::unimplemented(
+            "this policy worker runs DiffusionNFT; SFT runs are not served by the controller yet",
+        ))
+    }
+
+    type GetWeightsStream = ChunkStream;
+
+    async fn get_weights(
+        &self,
+        req: Request<WeightsRequest>,
+    ) -> Result<Response<Self::GetWeightsStream>, Status> {
+        let which = req.into_inner().which;
+        if which != OLD_ADAPTER {
+            return Err(Status::invalid_argument(format!(
+                "weights {which:?}: this worker serves \"{OLD_ADAPTER}\" (the rollout adapter)"
+            )));
+        }
+        let chunk = self
+            .with_state("sending weights".into(), move |s| {
+                let tensors = s
+                    .model
+                    .lora
+                    .state_dict(OLD_ADAPTER)
+                    .map_err(internal)?
+                    .iter()
+                    .map(|(n, t)| to_wire(n, t))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(internal)?;
+                Ok(WeightChunk {
+                    version: s.trainer.step,
+                    chunk: 0,
+                    num_chunks: 1,
+                    tensors,
+                })
+            })
+            .await?;
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(chunk)]))))
+    }
+
+    async fn checkpoint(
+        &self,
+        req: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointReply>, Status> {
+        let req = req.into_inner();
+        let out = self.setup.output_dir.clone();
+        self.with_state(format!("checkpointing step {}", req.step), move |s| {
+            let data: serde_json::Value = if req.controller_state_json.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&req.controller_state_json)
+                    .map_err(|e| Status::invalid_argument(format!("controller_state_json: {e}")))?
+            };
+            let state = s.trainer.state(&s.model, data).map_err(internal)?;
+            s.ckpt.save(&state).map_err(internal)?;
+            let path = s.ckpt.root().join(sana::training::checkpoint::step_dir_name(state.step));
+            if req.wait {
+                s.ckpt.wait().map_err(internal)?;
+            }
+            let mut export_path = String::new();
+            if req.export {
+                let dir = out.join("safetensors").join(format!("step_{}", state.step));
+                s.trainer.export_adapter(&s.model, &dir).map_err(internal)?;
+                export_path = dir.display().to_string();
+            }
+            Ok(Response::new(CheckpointReply {
+                path: path.display().to_string(),
+                export_path,
+            }))
+        })
+        .await
+    }
+
+    async fn resume(&self, _: Request<ResumeRequest>) -> Result<Response<ResumeReply>, Status> {
+        self.with_state("resuming".into(), move |s| {
+            let Some(r) = s.ckpt.load_latest().map_err(|e| Status::data_loss(e.to_string()))? else {
+                return Ok(Response::new(ResumeReply::default()));
+            };
+            let data = s
+                .trainer
+                .restore(&s.model, r.state, &r.path)
+                .map_err(|e| Status::data_loss(e.to_string()))?;
+            Ok(Response::new(ResumeReply {
+                found: true,
+                step: s.trainer.step,
+                controller_state_json: data.to_string(),
+                path: r.path.display().to_string(),
+                skipped: r
+                    .skipped
+                    .iter()
+                    .map(|(p, why)| format!("{}: {why}", p.display()))
+                    .collect(),
+            }))
+        })
+        .await
+    }
+
+    async fn shutdown(&self, req: Request<ShutdownRequest>) -> Result<Response<Ack>, Status> {
+        tracing::info!(reason = %req.into_inner().reason, "shutting down");
+        self.with_state("shutting down".into(), |s| {
+            s.ckpt.wait().map_err(internal)?;
+            Ok(())
+        })
+        .await?;
+        let _ = self.stop.send(true);
+        Ok(Response::new(Ack {}))
+    }
+}
+
+/// Serves until Shutdown, SIGTERM or Ctrl-C. Binds before building the model so
+/// the controller sees the port early; calls wait until the model is ready.
+pub async fn serve(setup: WorkerSetup, listen: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stop2 = stop_tx.clone();
+    let service = tokio::task::spawn_blocking(move || PolicyService::new(setup, stop2))
+        .await??;
+    tracing::info!(%addr, "policy worker serving");
+    tokio::spawn(async move {
+        let _ = shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    tonic::transport::Server::builder()
+        .add_service(
+            PolicyWorkerServer::new(service)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+

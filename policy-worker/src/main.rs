@@ -1,16 +1,49 @@
 use clap::Parser;
+use std::path::PathBuf;
 
-/// Runs NFT/SFT updates of the SANA transformer through libtorch, data-parallel and FSDP-style.
-///
-/// Not implemented yet (tracked in issue 6); this binary only reserves the name.
+/// Runs DiffusionNFT updates of the SANA transformer (LoRA "default" trained,
+/// "old" for rollouts) for the controller, which starts it: `--listen` is where
+/// the controller connects. Started by hand it serves the same gRPC API
+/// (sana_rl.runtime.v1.PolicyWorker).
 #[derive(Parser, Debug)]
 #[command(name = "policy-worker", version)]
-struct Args {}
+struct Args {
+    /// The run's Cosmos-RL TOML config.
+    #[arg(long)]
+    config: PathBuf,
+    /// host:port to serve on (port 0: any free port; the log says which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Steps of the run (the LR schedule's length).
+    #[arg(long)]
+    total_steps: u64,
+    /// Output directory of the run (checkpoints/, safetensors/).
+    #[arg(long)]
+    output_dir: PathBuf,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _ = Args::parse();
-    anyhow::bail!(
-        "policy-worker is not implemented yet (issue {})",
-        policy_worker::TRACKING_ISSUE
-    )
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let loaded = sana::config::load(&args.config, false)?;
+    let setup = policy_worker::WorkerSetup {
+        config: loaded.config,
+        base_dir: std::env::current_dir()?,
+        rank: args.rank,
+        device: sana::config::runtime::parse_device(&args.device)?,
+        total_steps: args.total_steps,
+        output_dir: args.output_dir,
+    };
+    policy_worker::serve(setup, &args.listen).await
 }

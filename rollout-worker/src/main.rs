@@ -1,16 +1,48 @@
 use clap::Parser;
+use std::path::PathBuf;
 
-/// Samples SANA images/videos with the current "old" policy and sends media to the reward gateway.
-///
-/// Not implemented yet (tracked in issue 6); this binary only reserves the name.
+/// Samples SANA images with the rollout LoRA adapter ("old") for the controller,
+/// which starts it, scores them through the reward gateway and returns the
+/// trajectories (sana_rl.runtime.v1.RolloutWorker on `--listen`).
 #[derive(Parser, Debug)]
 #[command(name = "rollout-worker", version)]
-struct Args {}
+struct Args {
+    /// The run's Cosmos-RL TOML config.
+    #[arg(long)]
+    config: PathBuf,
+    /// host:port to serve on (port 0: any free port; the log says which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The reward gateway, http://host:port.
+    #[arg(long)]
+    gateway: String,
+    /// Prefix of this run's reward request ids.
+    #[arg(long, default_value = "run")]
+    run_id: String,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _ = Args::parse();
-    anyhow::bail!(
-        "rollout-worker is not implemented yet (issue {})",
-        rollout_worker::TRACKING_ISSUE
-    )
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let loaded = sana::config::load(&args.config, false)?;
+    let setup = rollout_worker::WorkerSetup {
+        config: loaded.config,
+        base_dir: std::env::current_dir()?,
+        rank: args.rank,
+        device: sana::config::runtime::parse_device(&args.device)?,
+        gateway: args.gateway,
+        run_id: args.run_id,
+    };
+    rollout_worker::serve(setup, &args.listen).await
 }

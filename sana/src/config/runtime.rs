@@ -49,6 +49,18 @@ pub fn resolve_model_dir(name_or_path: &str, base: &Path) -> Result<PathBuf> {
     ))
 }
 
+/// `cpu`, `cuda`, `cuda:N` → a libtorch device.
+pub fn parse_device(s: &str) -> Result<tch::Device> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(tch::Device::Cuda(n)),
+            None => Err(SanaError::input("device", format!("{s:?}: expected cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
 /// "float32" / "bfloat16" / "float16" → a libtorch kind.
 pub fn kind_of(dtype: &str) -> Result<Kind> {
     match dtype {

@@ -1,7 +1,458 @@
-//! `controller`: Schedules rollout and policy workers for a SANA post-training run (SFT or DiffusionNFT) from a Cosmos-RL TOML config.
-//!
-//! Not built yet: this crate reserves its place in the workspace layout; its
-//! work is tracked in issue 6.
+//! `controller`: runs a SANA post-training job from a Cosmos-RL TOML config.
+//! It reads like torchtitan's train loop: config → plan (devices, batch
+//! arithmetic) → launch (reward service, gateway, workers) → step loop
+//! (prompts → rollouts + rewards → policy step → new "old" adapter → logs,
+//! validation, checkpoints) → final checkpoint and export.
 
-/// The issue that builds this process role.
-pub const TRACKING_ISSUE: u32 = 6;
+pub mod launch;
+pub mod logs;
+pub mod plan;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use proto::runtime::v1::policy_worker_client::PolicyWorkerClient;
+use proto::runtime::v1::rollout_worker_client::RolloutWorkerClient;
+use proto::runtime::v1::*;
+use sana::config::{BoolOrString, RunConfig, RunKind};
+use sana::data::prompts::{Cursor, PromptDataset};
+use tonic::transport::Channel;
+
+use launch::{bin, free_port, wait_for_port, Fleet};
+use logs::RunLog;
+use plan::{load_prompts, Plan, RewardSetup};
+
+/// What the command line asked for, besides the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    /// Relative paths in the config resolve against this (the working directory).
+    pub base_dir: PathBuf,
+    /// Stop after this many steps (tests, smoke runs); the LR schedule keeps the planned length.
+    pub max_steps: Option<u64>,
+    /// Run directory instead of `<train.output_dir>/<timestamp>`.
+    pub run_dir: Option<PathBuf>,
+}
+
+/// The controller's own resumable state, saved inside the policy checkpoint.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ControllerState {
+    pub step: u64,
+    pub cursor: Cursor,
+}
+
+/// `<output_dir>/<timestamp>` as Cosmos-RL names runs, or with `train.resume`
+/// the newest earlier run of that output_dir that holds checkpoints.
+pub fn run_dir(c: &RunConfig, base: &Path) -> PathBuf {
+    let out = base.join(&c.train.output_dir);
+    match &c.train.resume {
+        BoolOrString::Str(p) => {
+            let p = base.join(p);
+            // A checkpoint path (…/checkpoints/step_N) or a run directory.
+            for a in p.ancestors() {
+                if a.file_name().is_some_and(|n| n == "checkpoints") {
+                    return a.parent().unwrap_or(&p).to_path_buf();
+                }
+            }
+            return p;
+        }
+        BoolOrString::Bool(true) => {
+            let mut runs: Vec<PathBuf> = std::fs::read_dir(&out)
+                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default();
+            runs.retain(|r| r.join("checkpoints").is_dir());
+            runs.sort();
+            if let Some(last) = runs.pop() {
+                return last;
+            }
+        }
+        BoolOrString::Bool(false) => {}
+    }
+    let stamp = if c.train.timestamp.is_empty() {
+        chrono_stamp()
+    } else {
+        c.train.timestamp.clone()
+    };
+    out.join(stamp)
+}
+
+/// `%Y%m%d%H%M%S` in UTC, without a date crate.
+fn chrono_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (H. Hinnant).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// The processes and clients of a running job.
+struct Job {
+    fleet: Fleet,
+    policy: PolicyWorkerClient<Channel>,
+    rollout: RolloutWorkerClient<Channel>,
+}
+
+async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await?)
+}
+
+/// Calls Health until it answers (the worker is loading its model meanwhile).
+async fn wait_healthy<F, Fut>(fleet: &Fleet, name: &str, timeout: Duration, mut call: F) -> anyhow::Result<HealthReply>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<HealthReply>, tonic::Status>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(dead) = fleet.dead() {
+            bail!("{dead}");
+        }
+        match tokio::time::timeout(Duration::from_secs(5), call()).await {
+            Ok(Ok(r)) => return Ok(r.into_inner()),
+            _ if started.elapsed() > timeout => bail!("{name} did not answer within {timeout:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Starts the reward side (embedded service unless REMOTE_REWARD_* point
+/// elsewhere), the gateway, one policy and one rollout worker.
+async fn launch(opts: &RunOptions, plan: &Plan, run_dir: &Path, run_id: &str) -> anyhow::Result<Job> {
+    let fleet = Fleet::default();
+    let logs = run_dir.join("logs");
+    let (enqueue, fetch) = match &plan.rewards {
+        RewardSetup::External { enqueue, fetch } => (enqueue.clone(), fetch.clone()),
+        RewardSetup::Embedded => {
+            let port = free_port()?;
+            let mut cmd = Command::new(bin("reward-service")?);
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+            fleet.spawn("reward-service", cmd, &logs)?;
+            let addr = format!("127.0.0.1:{port}");
+            wait_for_port(&fleet, "reward-service", &addr, Duration::from_secs(60)).await?;
+            (
+                format!("http://{addr}/api/reward/enqueue"),
+                format!("http://{addr}/api/reward/pull"),
+            )
+        }
+    };
+    let gw_port = free_port()?;
+    let gw_addr = format!("127.0.0.1:{gw_port}");
+    let mut cmd = Command::new(bin("reward-gateway")?);
+    cmd.arg("--config")
+        .arg(&opts.config_path)
+        .args(["--listen", &gw_addr])
+        .env("REMOTE_REWARD_ENQUEUE_URL", &enqueue)
+        .env("REMOTE_REWARD_FETCH_URL", &fetch);
+    fleet.spawn("reward-gateway", cmd, &logs)?;
+    wait_for_port(&fleet, "reward-gateway", &gw_addr, Duration::from_secs(60)).await?;
+
+    let device = plan.devices[0].clone();
+    let p_addr = format!("127.0.0.1:{}", free_port()?);
+    let mut cmd = Command::new(bin("policy-worker")?);
+    cmd.arg("--config")
+        .arg(&opts.config_path)
+        .args(["--listen", &p_addr, "--rank", "0", "--device", &device])
+        .args(["--total-steps", &plan.total_steps.to_string()])
+        .arg("--output-dir")
+        .arg(run_dir)
+        .current_dir(&opts.base_dir);
+    fleet.spawn("policy-worker-0", cmd, &logs)?;
+    let r_addr = format!("127.0.0.1:{}", free_port()?);
+    let mut cmd = Command::new(bin("rollout-worker")?);
+    cmd.arg("--config")
+        .arg(&opts.config_path)
+        .args(["--listen", &r_addr, "--rank", "0", "--device", &device])
+        .args(["--gateway", &format!("http://{gw_addr}"), "--run-id", run_id])
+        .current_dir(&opts.base_dir);
+    fleet.spawn("rollout-worker-0", cmd, &logs)?;
+
+    let load = Duration::from_secs(1800);
+    wait_for_port(&fleet, "policy-worker-0", &p_addr, load).await?;
+    wait_for_port(&fleet, "rollout-worker-0", &r_addr, load).await?;
+    let policy = PolicyWorkerClient::new(channel(&p_addr).await?)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let rollout = RolloutWorkerClient::new(channel(&r_addr).await?)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let mut p = policy.clone();
+    let h = wait_healthy(&fleet, "policy-worker-0", load, || {
+        let mut p = p.clone();
+        async move { p.health(HealthRequest {}).await }
+    })
+    .await?;
+    tracing::info!(pid = h.pid, device = %h.device, "policy worker ready");
+    let mut r = rollout.clone();
+    let h = wait_healthy(&fleet, "rollout-worker-0", load, || {
+        let mut r = r.clone();
+        async move { r.health(HealthRequest {}).await }
+    })
+    .await?;
+    tracing::info!(pid = h.pid, device = %h.device, "rollout worker ready");
+    let _ = (&mut p, &mut r);
+    Ok(Job {
+        fleet,
+        policy,
+        rollout,
+    })
+}
+
+/// Awaits `fut`, failing at once (naming the process) if a worker dies meanwhile.
+async fn guarded<T>(
+    fleet: &Fleet,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            r = &mut fut => {
+                return match r {
+                    Ok(r) => Ok(r.into_inner()),
+                    Err(s) => {
+                        // A dead worker explains a broken call better than the call does.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        if let Some(dead) = fleet.dead() {
+                            bail!("{what}: a worker died: {dead}");
+                        }
+                        bail!("{what}: {} ({:?})", s.message(), s.code())
+                    }
+                };
+            }
+            _ = tick.tick() => {
+                if let Some(dead) = fleet.dead() {
+                    bail!("{what}: a worker died: {dead}");
+                }
+            }
+        }
+    }
+}
+
+/// Pushes the policy's "old" adapter to the rollout worker.
+async fn sync_weights(job: &mut Job) -> anyhow::Result<u64> {
+    let mut stream = guarded(
+        &job.fleet,
+        "fetching the rollout adapter",
+        job.policy.get_weights(WeightsRequest { which: "old".into() }),
+    )
+    .await?;
+    let mut chunks = Vec::new();
+    while let Some(c) = stream.message().await? {
+        chunks.push(c);
+    }
+    let version = chunks.last().map(|c| c.version).context("the policy sent no weights")?;
+    guarded(
+        &job.fleet,
+        "loading the rollout adapter",
+        job.rollout.load_weights(futures::stream::iter(chunks)),
+    )
+    .await?;
+    Ok(version)
+}
+
+fn prompt_batch(step: u64, seed: u64, version: u64, items: &[(usize, sana::data::prompts::PromptItem)], g: usize, validation: bool, images: u32) -> PromptBatch {
+    PromptBatch {
+        step,
+        prompts: items
+            .iter()
+            .map(|(i, p)| Prompt {
+                index: *i as u64,
+                text: p.text.clone(),
+                metadata_json: if p.metadata.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::Value::Object(p.metadata.clone()).to_string()
+                },
+            })
+            .collect(),
+        n_generation: g as u32,
+        seed,
+        weight_version: version,
+        validation,
+        return_images: images,
+    }
+}
+
+fn train_batch(step: u64, t: &Trajectories) -> TrainBatch {
+    let adv: Vec<f32> = t.scores.iter().map(|s| s.advantage).collect();
+    let mut tensors = t.tensors.clone();
+    tensors.push(TensorData {
+        name: "advantages".into(),
+        dtype: "float32".into(),
+        shape: vec![adv.len() as i64],
+        data: adv.iter().flat_map(|a| a.to_le_bytes()).collect(),
+    });
+    TrainBatch { step, tensors }
+}
+
+/// Runs a DiffusionNFT job to its end (or Ctrl-C, or a worker's death).
+pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result<()> {
+    if plan.kind != RunKind::Nft {
+        bail!("the controller runs DiffusionNFT configs; SFT runs are not served yet (use `--dry-run` to check the plan)");
+    }
+    if let Err(e) = &plan.model_dir {
+        bail!("{e}");
+    }
+    let run_dir = opts.run_dir.clone().unwrap_or_else(|| run_dir(&cfg, &opts.base_dir));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    std::fs::copy(&opts.config_path, run_dir.join("config.toml")).ok();
+    let prompts: PromptDataset = load_prompts(&cfg, &opts.base_dir, false)?;
+    let val_prompts = if cfg.validation.enable {
+        Some(load_prompts(&cfg, &opts.base_dir, true)?)
+    } else {
+        None
+    };
+    let run_id = format!("{}-{}", chrono_stamp(), std::process::id());
+    eprintln!("run directory {}", run_dir.display());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\nCtrl-C: finishing this step, then a final checkpoint (Ctrl-C again to abort)");
+            stop2.store(true, Ordering::SeqCst);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("aborting");
+                std::process::exit(130);
+            }
+        }
+    });
+
+    let mut job = launch(&opts, &plan, &run_dir, &run_id).await?;
+    let result = step_loop(&opts, &cfg, &plan, &mut job, &run_dir, &prompts, val_prompts.as_ref(), &stop).await;
+    // Shut down in order: workers (they finish their checkpoint writes), then the reward side.
+    for name in ["policy-worker-0", "rollout-worker-0"] {
+        job.fleet.expect_exit(name);
+    }
+    let reason = if result.is_ok() { "run finished" } else { "run failed" };
+    let _ = tokio::time::timeout(Duration::from_secs(60), job.policy.shutdown(ShutdownRequest { reason: reason.into() })).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), job.rollout.shutdown(ShutdownRequest { reason: reason.into() })).await;
+    job.fleet.stop_all(Duration::from_secs(20));
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn step_loop(
+    opts: &RunOptions,
+    cfg: &RunConfig,
+    plan: &Plan,
+    job: &mut Job,
+    run_dir: &Path,
+    prompts: &PromptDataset,
+    val_prompts: Option<&PromptDataset>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let seed = cfg.seed();
+    let mut state = ControllerState::default();
+    if !matches!(cfg.train.resume, BoolOrString::Bool(false)) {
+        let r = guarded(&job.fleet, "resuming", job.policy.resume(ResumeRequest {})).await?;
+        for s in &r.skipped {
+            eprintln!("warning: checkpoint not usable, passed over: {s}");
+        }
+        if r.found {
+            state = serde_json::from_str(&r.controller_state_json)
+                .with_context(|| format!("{}: controller state", r.path))?;
+            eprintln!("resumed from {} (step {})", r.path, r.step);
+        } else if let BoolOrString::Str(p) = &cfg.train.resume {
+            bail!("train.resume = {p:?}: no checkpoint there");
+        } else {
+            eprintln!("train.resume: no checkpoint yet under {}; starting fresh", run_dir.display());
+        }
+    }
+    let last = opts
+        .max_steps
+        .map_or(plan.total_steps, |m| (state.step + m).min(plan.total_steps));
+    let mut log = RunLog::open(run_dir, state.step, last, cfg.logging.multi_modal_log_interval)?;
+    let mut version = sync_weights(job).await?;
+    let ckpt = &cfg.train.ckpt;
+    let g = plan.n_generation;
+
+    while state.step < last {
+        let step = state.step + 1;
+        let started = Instant::now();
+        let items = state.cursor.take(prompts, cfg.train.train_policy.dataloader_seed ^ seed, plan.prompts_per_step);
+        let images = if log.wants_images(step) { 15 } else { 0 };
+        let traj = guarded(
+            &job.fleet,
+            &format!("step {step}: rollout"),
+            job.rollout.generate(prompt_batch(step, seed, version, &items, g, false, images)),
+        )
+        .await?;
+        let train_started = Instant::now();
+        let result = guarded(&job.fleet, &format!("step {step}: policy update"), job.policy.train_nft(train_batch(step, &traj))).await?;
+        let train_secs = train_started.elapsed().as_secs_f64();
+        version = sync_weights(job).await?;
+        state.step = step;
+        log.step(step, &items, &traj, &result, train_secs, started.elapsed().as_secs_f64())?;
+
+        if let (Some(vp), true) = (val_prompts, cfg.validation.enable && (step % cfg.validation.freq.max(1) == 0 || step == last)) {
+            let n = cfg.validation.batch_size.unwrap_or(plan.prompts_per_step).min(vp.len()).max(1);
+            let items: Vec<_> = (0..n).map(|i| (i, vp.items[i].clone())).collect();
+            let vt = guarded(
+                &job.fleet,
+                &format!("step {step}: validation"),
+                job.rollout.generate(prompt_batch(step, seed ^ 0x5eed, version, &items, cfg.validation.n_generation.max(1), true, 0)),
+            )
+            .await?;
+            log.validation(step, &vt)?;
+        }
+        let stopping = stop.load(Ordering::SeqCst);
+        let periodic = ckpt.enable_checkpoint && step % ckpt.save_freq.max(1) == 0;
+        if periodic && step != last && !stopping {
+            guarded(
+                &job.fleet,
+                &format!("step {step}: checkpoint"),
+                job.policy.checkpoint(CheckpointRequest {
+                    step,
+                    controller_state_json: serde_json::to_string(&state)?,
+                    export: ckpt.export_safetensors,
+                    wait: false,
+                }),
+            )
+            .await?;
+        }
+        if stopping {
+            break;
+        }
+    }
+    // The final checkpoint and export (also after Ctrl-C).
+    let reply = guarded(
+        &job.fleet,
+        "final checkpoint",
+        job.policy.checkpoint(CheckpointRequest {
+            step: state.step,
+            controller_state_json: serde_json::to_string(&state)?,
+            export: true,
+            wait: true,
+        }),
+    )
+    .await?;
+    log.finish(&reply)?;
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("stopped at step {} on Ctrl-C; continue with train.resume = true", state.step);
+    }
+    Ok(())
+}

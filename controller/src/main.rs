@@ -1,16 +1,78 @@
+use anyhow::Context;
 use clap::Parser;
+use std::path::PathBuf;
 
-/// Schedules rollout and policy workers for a SANA post-training run (SFT or DiffusionNFT) from a Cosmos-RL TOML config.
+/// Runs a SANA post-training job (DiffusionNFT) from a Cosmos-RL TOML config:
+/// starts the reward service (embedded, unless REMOTE_REWARD_ENQUEUE_URL and
+/// REMOTE_REWARD_FETCH_URL point at one), the reward gateway, a policy worker
+/// and a rollout worker, then steps: sample prompts with the "old" adapter,
+/// score them, train, push the new "old" adapter. Writes
+/// <train.output_dir>/<timestamp>/ with metrics.jsonl, mm_data/, logs/,
+/// checkpoints/ and safetensors/ (the adapter as PEFT and diffusers files).
 ///
-/// Not implemented yet (tracked in issue 6); this binary only reserves the name.
+/// Ctrl-C finishes the current step and writes a final checkpoint; a dead
+/// worker stops the run with its name and log. `train.resume = true` continues
+/// from the newest checkpoint.
 #[derive(Parser, Debug)]
 #[command(name = "controller", version)]
-struct Args {}
+struct Args {
+    /// A Cosmos-RL run config (configs/sana/*.toml, configs/demo/*.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Print the resolved plan (workers, devices, batch arithmetic, data,
+    /// rewards) and exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// Unknown config keys are errors, not warnings.
+    #[arg(long)]
+    strict: bool,
+    /// Stop after this many steps (the LR schedule keeps the planned length).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Use this run directory instead of <train.output_dir>/<timestamp>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _ = Args::parse();
-    anyhow::bail!(
-        "controller is not implemented yet (issue {})",
-        controller::TRACKING_ISSUE
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let loaded = sana::config::load(&args.config, args.strict)?;
+    for u in &loaded.unknown {
+        eprintln!("warning: {}:{}: {}", args.config.display(), u.line, u.message());
+    }
+    let base = std::env::current_dir()?;
+    let plan = controller::plan::Plan::new(
+        &loaded.config,
+        &args.config,
+        &base,
+        controller::plan::detect_devices(),
     )
+    .with_context(|| format!("{}", args.config.display()))?;
+    if args.dry_run {
+        print!("{}", plan.render(&loaded.config));
+        return Ok(());
+    }
+    let opts = controller::RunOptions {
+        config_path: std::fs::canonicalize(&args.config)?,
+        base_dir: base,
+        max_steps: args.max_steps,
+        run_dir: args.run_dir,
+    };
+    tokio::runtime::Runtime::new()?.block_on(controller::run(opts, loaded.config, plan))
 }

@@ -47,11 +47,11 @@ pub fn load_str(text: &str, path: &Path, strict: bool) -> Result<Loaded> {
         })?
     };
     let unknown = unknown::describe(&ignored, text);
-    for u in &unknown {
-        if strict {
-            return Err(SanaError::config(path, &u.key, u.message()));
+    // Reported by the caller (the controller prints them; workers load the same file).
+    if strict {
+        if let Some(u) = unknown.first() {
+            return Err(SanaError::config(path, &u.key, format!("line {}: {}", u.line, u.message())));
         }
-        tracing::warn!("{}:{}: {}", path.display(), u.line, u.message());
     }
     config
         .validate()

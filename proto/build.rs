@@ -10,9 +10,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;
-    // The `tensors` feature links libtorch (its tests run tch code).
-    if std::env::var_os("CARGO_FEATURE_TENSORS").is_some() {
-        build_support::link_libtorch();
-    }
     Ok(())
 }

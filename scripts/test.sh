@@ -12,6 +12,9 @@ python scripts/parity/make_reference.py target/parity >/dev/null
 log "cargo clippy -D warnings"
 cargo clippy -q --workspace --all-targets -- -D warnings
 
+log "binaries (the end-to-end tests in tests/ run them as a user does)"
+cargo build -q --workspace --bins
+
 log "tests"
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # A missing reference fails the tests here instead of skipping.

@@ -29,7 +29,9 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Proc {
@@ -59,7 +61,9 @@ impl Fleet {
         std::fs::create_dir_all(log_dir)?;
         let log = log_dir.join(format!("{name}.log"));
         let f = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        cmd.stdout(Stdio::from(f.try_clone()?)).stderr(Stdio::from(f)).stdin(Stdio::null());
+        cmd.stdout(Stdio::from(f.try_clone()?))
+            .stderr(Stdio::from(f))
+            .stdin(Stdio::null());
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
@@ -96,9 +100,26 @@ impl Fleet {
         None
     }
 
+    /// `[{name, pid, log}]` of every process started, for operators and tests.
+    pub fn describe(&self) -> serde_json::Value {
+        let procs = self.procs.lock().unwrap();
+        serde_json::Value::Array(
+            procs
+                .iter()
+                .map(|p| serde_json::json!({"name": p.name, "pid": p.child.id(), "log": p.log}))
+                .collect(),
+        )
+    }
+
     /// Marks a process as expected to exit (after a Shutdown call).
     pub fn expect_exit(&self, name: &str) {
-        for p in self.procs.lock().unwrap().iter_mut().filter(|p| p.name == name) {
+        for p in self
+            .procs
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|p| p.name == name)
+        {
             p.stopping = true;
         }
     }
@@ -115,7 +136,9 @@ impl Fleet {
             unsafe_term(p.child.id());
         }
         loop {
-            let all = procs.iter_mut().all(|p| matches!(p.child.try_wait(), Ok(Some(_))));
+            let all = procs
+                .iter_mut()
+                .all(|p| matches!(p.child.try_wait(), Ok(Some(_))));
             if all || started.elapsed() > grace {
                 break;
             }
@@ -132,7 +155,13 @@ impl Fleet {
 
     /// Kills one process at once (tests and fault handling).
     pub fn kill(&self, name: &str) {
-        for p in self.procs.lock().unwrap().iter_mut().filter(|p| p.name == name) {
+        for p in self
+            .procs
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|p| p.name == name)
+        {
             let _ = p.child.kill();
         }
     }
@@ -149,7 +178,12 @@ fn unsafe_term(pid: u32) {
 
 /// Waits until `addr` accepts TCP connections, failing early if a process of the
 /// fleet died (its log tail in the message) or after `timeout`.
-pub async fn wait_for_port(fleet: &Fleet, name: &str, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_for_port(
+    fleet: &Fleet,
+    name: &str,
+    addr: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {

@@ -112,14 +112,21 @@ struct Job {
 }
 
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await?,
+    )
 }
 
 /// Calls Health until it answers (the worker is loading its model meanwhile).
-async fn wait_healthy<F, Fut>(fleet: &Fleet, name: &str, timeout: Duration, mut call: F) -> anyhow::Result<HealthReply>
+async fn wait_healthy<F, Fut>(
+    fleet: &Fleet,
+    name: &str,
+    timeout: Duration,
+    mut call: F,
+) -> anyhow::Result<HealthReply>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<HealthReply>, tonic::Status>>,
@@ -139,7 +146,12 @@ where
 
 /// Starts the reward side (embedded service unless REMOTE_REWARD_* point
 /// elsewhere), the gateway, one policy and one rollout worker.
-async fn launch(opts: &RunOptions, plan: &Plan, run_dir: &Path, run_id: &str) -> anyhow::Result<Job> {
+async fn launch(
+    opts: &RunOptions,
+    plan: &Plan,
+    run_dir: &Path,
+    run_id: &str,
+) -> anyhow::Result<Job> {
     let fleet = Fleet::default();
     let logs = run_dir.join("logs");
     let (enqueue, fetch) = match &plan.rewards {
@@ -184,7 +196,12 @@ async fn launch(opts: &RunOptions, plan: &Plan, run_dir: &Path, run_id: &str) ->
     cmd.arg("--config")
         .arg(&opts.config_path)
         .args(["--listen", &r_addr, "--rank", "0", "--device", &device])
-        .args(["--gateway", &format!("http://{gw_addr}"), "--run-id", run_id])
+        .args([
+            "--gateway",
+            &format!("http://{gw_addr}"),
+            "--run-id",
+            run_id,
+        ])
         .current_dir(&opts.base_dir);
     fleet.spawn("rollout-worker-0", cmd, &logs)?;
 
@@ -212,6 +229,10 @@ async fn launch(opts: &RunOptions, plan: &Plan, run_dir: &Path, run_id: &str) ->
     .await?;
     tracing::info!(pid = h.pid, device = %h.device, "rollout worker ready");
     let _ = (&mut p, &mut r);
+    std::fs::write(
+        run_dir.join("workers.json"),
+        serde_json::to_string_pretty(&fleet.describe())?,
+    )?;
     Ok(Job {
         fleet,
         policy,
@@ -256,14 +277,19 @@ async fn sync_weights(job: &mut Job) -> anyhow::Result<u64> {
     let mut stream = guarded(
         &job.fleet,
         "fetching the rollout adapter",
-        job.policy.get_weights(WeightsRequest { which: "old".into() }),
+        job.policy.get_weights(WeightsRequest {
+            which: "old".into(),
+        }),
     )
     .await?;
     let mut chunks = Vec::new();
     while let Some(c) = stream.message().await? {
         chunks.push(c);
     }
-    let version = chunks.last().map(|c| c.version).context("the policy sent no weights")?;
+    let version = chunks
+        .last()
+        .map(|c| c.version)
+        .context("the policy sent no weights")?;
     guarded(
         &job.fleet,
         "loading the rollout adapter",
@@ -273,7 +299,15 @@ async fn sync_weights(job: &mut Job) -> anyhow::Result<u64> {
     Ok(version)
 }
 
-fn prompt_batch(step: u64, seed: u64, version: u64, items: &[(usize, sana::data::prompts::PromptItem)], g: usize, validation: bool, images: u32) -> PromptBatch {
+fn prompt_batch(
+    step: u64,
+    seed: u64,
+    version: u64,
+    items: &[(usize, sana::data::prompts::PromptItem)],
+    g: usize,
+    validation: bool,
+    images: u32,
+) -> PromptBatch {
     PromptBatch {
         step,
         prompts: items
@@ -316,7 +350,10 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result
     if let Err(e) = &plan.model_dir {
         bail!("{e}");
     }
-    let run_dir = opts.run_dir.clone().unwrap_or_else(|| run_dir(&cfg, &opts.base_dir));
+    let run_dir = opts
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| run_dir(&cfg, &opts.base_dir));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     std::fs::copy(&opts.config_path, run_dir.join("config.toml")).ok();
     let prompts: PromptDataset = load_prompts(&cfg, &opts.base_dir, false)?;
@@ -332,7 +369,9 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result
     let stop2 = stop.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\nCtrl-C: finishing this step, then a final checkpoint (Ctrl-C again to abort)");
+            eprintln!(
+                "\nCtrl-C: finishing this step, then a final checkpoint (Ctrl-C again to abort)"
+            );
             stop2.store(true, Ordering::SeqCst);
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("aborting");
@@ -342,14 +381,37 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result
     });
 
     let mut job = launch(&opts, &plan, &run_dir, &run_id).await?;
-    let result = step_loop(&opts, &cfg, &plan, &mut job, &run_dir, &prompts, val_prompts.as_ref(), &stop).await;
+    let result = step_loop(&opts, &cfg, &plan, &mut job, &run_dir, &prompts, val_prompts.as_ref(), &stop)
+        .await
+        .with_context(|| {
+            format!(
+                "the run stopped; its checkpoints are under {}: set train.resume = true to continue from the last one",
+                run_dir.join("checkpoints").display()
+            )
+        });
     // Shut down in order: workers (they finish their checkpoint writes), then the reward side.
     for name in ["policy-worker-0", "rollout-worker-0"] {
         job.fleet.expect_exit(name);
     }
-    let reason = if result.is_ok() { "run finished" } else { "run failed" };
-    let _ = tokio::time::timeout(Duration::from_secs(60), job.policy.shutdown(ShutdownRequest { reason: reason.into() })).await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), job.rollout.shutdown(ShutdownRequest { reason: reason.into() })).await;
+    let reason = if result.is_ok() {
+        "run finished"
+    } else {
+        "run failed"
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(60),
+        job.policy.shutdown(ShutdownRequest {
+            reason: reason.into(),
+        }),
+    )
+    .await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        job.rollout.shutdown(ShutdownRequest {
+            reason: reason.into(),
+        }),
+    )
+    .await;
     job.fleet.stop_all(Duration::from_secs(20));
     result
 }
@@ -379,13 +441,21 @@ async fn step_loop(
         } else if let BoolOrString::Str(p) = &cfg.train.resume {
             bail!("train.resume = {p:?}: no checkpoint there");
         } else {
-            eprintln!("train.resume: no checkpoint yet under {}; starting fresh", run_dir.display());
+            eprintln!(
+                "train.resume: no checkpoint yet under {}; starting fresh",
+                run_dir.display()
+            );
         }
     }
     let last = opts
         .max_steps
         .map_or(plan.total_steps, |m| (state.step + m).min(plan.total_steps));
-    let mut log = RunLog::open(run_dir, state.step, last, cfg.logging.multi_modal_log_interval)?;
+    let mut log = RunLog::open(
+        run_dir,
+        state.step,
+        last,
+        cfg.logging.multi_modal_log_interval,
+    )?;
     let mut version = sync_weights(job).await?;
     let ckpt = &cfg.train.ckpt;
     let g = plan.n_generation;
@@ -393,28 +463,61 @@ async fn step_loop(
     while state.step < last {
         let step = state.step + 1;
         let started = Instant::now();
-        let items = state.cursor.take(prompts, cfg.train.train_policy.dataloader_seed ^ seed, plan.prompts_per_step);
+        let items = state.cursor.take(
+            prompts,
+            cfg.train.train_policy.dataloader_seed ^ seed,
+            plan.prompts_per_step,
+        );
         let images = if log.wants_images(step) { 15 } else { 0 };
         let traj = guarded(
             &job.fleet,
             &format!("step {step}: rollout"),
-            job.rollout.generate(prompt_batch(step, seed, version, &items, g, false, images)),
+            job.rollout
+                .generate(prompt_batch(step, seed, version, &items, g, false, images)),
         )
         .await?;
         let train_started = Instant::now();
-        let result = guarded(&job.fleet, &format!("step {step}: policy update"), job.policy.train_nft(train_batch(step, &traj))).await?;
+        let result = guarded(
+            &job.fleet,
+            &format!("step {step}: policy update"),
+            job.policy.train_nft(train_batch(step, &traj)),
+        )
+        .await?;
         let train_secs = train_started.elapsed().as_secs_f64();
         version = sync_weights(job).await?;
         state.step = step;
-        log.step(step, &items, &traj, &result, train_secs, started.elapsed().as_secs_f64())?;
+        log.step(
+            step,
+            &items,
+            &traj,
+            &result,
+            train_secs,
+            started.elapsed().as_secs_f64(),
+        )?;
 
-        if let (Some(vp), true) = (val_prompts, cfg.validation.enable && (step % cfg.validation.freq.max(1) == 0 || step == last)) {
-            let n = cfg.validation.batch_size.unwrap_or(plan.prompts_per_step).min(vp.len()).max(1);
+        if let (Some(vp), true) = (
+            val_prompts,
+            cfg.validation.enable && (step % cfg.validation.freq.max(1) == 0 || step == last),
+        ) {
+            let n = cfg
+                .validation
+                .batch_size
+                .unwrap_or(plan.prompts_per_step)
+                .min(vp.len())
+                .max(1);
             let items: Vec<_> = (0..n).map(|i| (i, vp.items[i].clone())).collect();
             let vt = guarded(
                 &job.fleet,
                 &format!("step {step}: validation"),
-                job.rollout.generate(prompt_batch(step, seed ^ 0x5eed, version, &items, cfg.validation.n_generation.max(1), true, 0)),
+                job.rollout.generate(prompt_batch(
+                    step,
+                    seed ^ 0x5eed,
+                    version,
+                    &items,
+                    cfg.validation.n_generation.max(1),
+                    true,
+                    0,
+                )),
             )
             .await?;
             log.validation(step, &vt)?;
@@ -452,7 +555,10 @@ async fn step_loop(
     .await?;
     log.finish(&reply)?;
     if stop.load(Ordering::SeqCst) {
-        eprintln!("stopped at step {} on Ctrl-C; continue with train.resume = true", state.step);
+        eprintln!(
+            "stopped at step {} on Ctrl-C; continue with train.resume = true",
+            state.step
+        );
     }
     Ok(())
 }

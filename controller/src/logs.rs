@@ -30,7 +30,12 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
 }
 
 impl RunLog {
-    pub fn open(dir: &Path, first_step: u64, last_step: u64, mm_interval: Option<u64>) -> anyhow::Result<Self> {
+    pub fn open(
+        dir: &Path,
+        first_step: u64,
+        last_step: u64,
+        mm_interval: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let path = dir.join("metrics.jsonl");
         let metrics = OpenOptions::new()
             .create(true)
@@ -58,7 +63,7 @@ impl RunLog {
     /// Cosmos-RL logs media at step 1 and every `multi_modal_log_interval` steps.
     pub fn wants_images(&self, step: u64) -> bool {
         self.mm_interval
-            .is_some_and(|k| step == 1 || (k > 0 && step % k == 0))
+            .is_some_and(|k| step == 1 || (k > 0 && step.is_multiple_of(k)))
     }
 
     pub fn step(
@@ -80,8 +85,14 @@ impl RunLog {
         for (k, v) in &t.raw_score_means {
             m.insert(format!("reward/{k}"), (*v).into());
         }
-        m.insert("rollout_images_per_s".into(), (n / t.sample_seconds.max(1e-9)).into());
-        m.insert("train_samples_per_s".into(), (n / train_secs.max(1e-9)).into());
+        m.insert(
+            "rollout_images_per_s".into(),
+            (n / t.sample_seconds.max(1e-9)).into(),
+        );
+        m.insert(
+            "train_samples_per_s".into(),
+            (n / train_secs.max(1e-9)).into(),
+        );
         m.insert("sample_seconds".into(), t.sample_seconds.into());
         m.insert("reward_seconds".into(), t.reward_seconds.into());
         m.insert("train_seconds".into(), train_secs.into());
@@ -98,7 +109,8 @@ impl RunLog {
         self.rewards.push((step, rm));
         let loss = m.get("loss").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         self.bar.set_position(step);
-        self.bar.set_message(format!("reward {rm:+.4} ±{rs:.4} loss {loss:.4}"));
+        self.bar
+            .set_message(format!("reward {rm:+.4} ±{rs:.4} loss {loss:.4}"));
         tracing::info!(step, reward_mean = rm, loss, "step done");
         if let Some(images) = &t.images {
             self.image_grid(step, prompts, t, images)?;
@@ -113,7 +125,7 @@ impl RunLog {
         t: &Trajectories,
         images: &proto::runtime::v1::TensorData,
     ) -> anyhow::Result<()> {
-        let img = proto::tensors::from_wire(images)?; // [K, H, W, 3] uint8
+        let img = tensor_wire::from_wire(images)?; // [K, H, W, 3] uint8
         let k = img.size()[0];
         if k == 0 {
             return Ok(());
@@ -159,7 +171,10 @@ impl RunLog {
             "{}",
             json!({"step": step, "validation/reward_mean": m, "validation/reward_std": s, "validation/samples": rewards.len()})
         )?;
-        self.bar.println(format!("step {step}: validation reward {m:+.4} ±{s:.4} over {} samples", rewards.len()));
+        self.bar.println(format!(
+            "step {step}: validation reward {m:+.4} ±{s:.4} over {} samples",
+            rewards.len()
+        ));
         Ok(())
     }
 
@@ -168,7 +183,11 @@ impl RunLog {
         let k = self.rewards.len().min(5);
         if k > 0 {
             let first: f64 = self.rewards[..k].iter().map(|r| r.1).sum::<f64>() / k as f64;
-            let last: f64 = self.rewards[self.rewards.len() - k..].iter().map(|r| r.1).sum::<f64>() / k as f64;
+            let last: f64 = self.rewards[self.rewards.len() - k..]
+                .iter()
+                .map(|r| r.1)
+                .sum::<f64>()
+                / k as f64;
             eprintln!("mean reward: first {k} steps {first:+.4}, last {k} steps {last:+.4}");
         }
         eprintln!("checkpoint {}", ckpt.path);

@@ -54,7 +54,12 @@ fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let loaded = sana::config::load(&args.config, args.strict)?;
     for u in &loaded.unknown {
-        eprintln!("warning: {}:{}: {}", args.config.display(), u.line, u.message());
+        eprintln!(
+            "warning: {}:{}: {}",
+            args.config.display(),
+            u.line,
+            u.message()
+        );
     }
     let base = std::env::current_dir()?;
     let plan = controller::plan::Plan::new(

@@ -68,7 +68,9 @@ pub fn prompt_set_path(c: &RunConfig, base: &Path, validation: bool) -> PathBuf 
     if let Some(root) = std::env::var_os("SANA_RL_DATA") {
         return PathBuf::from(root).join(&ds.name);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache/sana-rl/datasets").join(&ds.name)
 }
 
@@ -83,7 +85,11 @@ pub fn load_prompts(c: &RunConfig, base: &Path, validation: bool) -> anyhow::Res
         s => s,
     };
     let path = prompt_set_path(c, base, validation);
-    let key = if validation { "validation.dataset" } else { "train.train_policy.dataset" };
+    let key = if validation {
+        "validation.dataset"
+    } else {
+        "train.train_policy.dataset"
+    };
     PromptDataset::load(&ds.name, &split, &path).with_context(|| {
         format!(
             "{key}: prompt set {:?} (split {split:?}) not readable at {}: put the file there, \
@@ -95,15 +101,22 @@ pub fn load_prompts(c: &RunConfig, base: &Path, validation: bool) -> anyhow::Res
 }
 
 impl Plan {
-    pub fn new(c: &RunConfig, config_path: &Path, base: &Path, devices: Vec<String>) -> anyhow::Result<Self> {
+    pub fn new(
+        c: &RunConfig,
+        config_path: &Path,
+        base: &Path,
+        devices: Vec<String>,
+    ) -> anyhow::Result<Self> {
         let kind = c.run_kind();
         let mut warnings = Vec::new();
         if kind == RunKind::Sft {
             warnings.push(
-                "SFT runs are planned here but not yet run by the controller (DiffusionNFT is)".into(),
+                "SFT runs are planned here but not yet run by the controller (DiffusionNFT is)"
+                    .into(),
             );
         }
-        let model_dir = resolve_model_dir(&c.policy.model_name_or_path, base).map_err(|e| e.to_string());
+        let model_dir =
+            resolve_model_dir(&c.policy.model_name_or_path, base).map_err(|e| e.to_string());
         let colocated = c.mode.is_colocated();
         let n_dev = devices.len();
         let on_cpu = devices.iter().all(|d| d == "cpu");
@@ -115,7 +128,9 @@ impl Plan {
             ));
         }
         if policy_workers > 1 {
-            warnings.push("several policy ranks need the c10d collectives, not in this build: using 1".into());
+            warnings.push(
+                "several policy ranks need the c10d collectives, not in this build: using 1".into(),
+            );
         }
         let policy_workers = 1;
         let rollout_workers = 1;
@@ -127,15 +142,16 @@ impl Plan {
         let mut total_steps = c.train.max_num_steps.unwrap_or(u64::MAX);
         let mut prompts_per_step = 0;
         if kind == RunKind::Nft {
-            if samples_per_step % g != 0 {
+            if !samples_per_step.is_multiple_of(g) {
                 bail!(
                     "train.train_batch_per_replica = {} is not a multiple of rollout.n_generation = {g}: \
                      each prompt's {g} samples must train in the same step",
                     c.train.train_batch_per_replica
                 );
             }
-            let per_rank = samples_per_step / (dp * c.policy.parallelism.dp_replicate_size.max(1) as usize).max(1);
-            if per_rank % tp.mini_batch != 0 {
+            let per_rank = samples_per_step
+                / (dp * c.policy.parallelism.dp_replicate_size.max(1) as usize).max(1);
+            if !per_rank.is_multiple_of(tp.mini_batch) {
                 warnings.push(format!(
                     "per-rank batch {per_rank} is not a multiple of mini_batch {} (Cosmos-RL refuses this; the last mini batch is smaller here)",
                     tp.mini_batch
@@ -144,7 +160,8 @@ impl Plan {
             prompts_per_step = samples_per_step / g;
             match load_prompts(c, base, false) {
                 Ok(ds) => {
-                    let steps = (ds.len() as u64 * g as u64 * c.train.epoch) / samples_per_step as u64;
+                    let steps =
+                        (ds.len() as u64 * g as u64 * c.train.epoch) / samples_per_step as u64;
                     total_steps = total_steps.min(steps.max(1));
                     dataset = Some((ds.name.clone(), ds.source.clone(), ds.len()));
                 }
@@ -185,7 +202,11 @@ impl Plan {
         if let Err(e) = &model_dir {
             warnings.push(e.clone());
         }
-        if c.logging.logger.iter().any(|l| l.eq_ignore_ascii_case("wandb")) {
+        if c.logging
+            .logger
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("wandb"))
+        {
             warnings.push(
                 "logging.logger has \"wandb\": sana-rl has no wandb client; metrics go to <run>/metrics.jsonl and images to <run>/mm_data/".into(),
             );
@@ -213,10 +234,15 @@ impl Plan {
         let mut s = String::new();
         let d = &c.policy.diffusers;
         let tp = &c.train.train_policy;
-        let _ = writeln!(s, "run        {} ({})", self.config_path.display(), match self.kind {
-            RunKind::Nft => "DiffusionNFT",
-            RunKind::Sft => "SFT",
-        });
+        let _ = writeln!(
+            s,
+            "run        {} ({})",
+            self.config_path.display(),
+            match self.kind {
+                RunKind::Nft => "DiffusionNFT",
+                RunKind::Sft => "SFT",
+            }
+        );
         let _ = writeln!(
             s,
             "model      {} → {}",
@@ -247,7 +273,11 @@ impl Plan {
             self.policy_workers,
             self.rollout_workers,
             self.devices.join(", "),
-            if self.colocated { "colocated: phases share the devices" } else { "disaggregated" }
+            if self.colocated {
+                "colocated: phases share the devices"
+            } else {
+                "disaggregated"
+            }
         );
         if self.kind == RunKind::Nft {
             let _ = writeln!(
@@ -295,19 +325,19 @@ impl Plan {
                 tp.remote_reward.scale,
                 match &self.rewards {
                     RewardSetup::Embedded => "embedded reward-service + reward-gateway".to_string(),
-                    RewardSetup::External { enqueue, .. } => format!("external service {enqueue} via reward-gateway"),
+                    RewardSetup::External { enqueue, .. } =>
+                        format!("external service {enqueue} via reward-gateway"),
                 }
             );
         } else {
             let _ = writeln!(
                 s,
                 "batch      {} samples/step per rank; mini_batch {}; data {}",
-                c.train.train_batch_per_replica,
-                tp.mini_batch,
-                tp.dataset.local_dir
+                c.train.train_batch_per_replica, tp.mini_batch, tp.dataset.local_dir
             );
         }
-        let _ = writeln!(
+        let _ =
+            writeln!(
             s,
             "optimizer  {} lr {} betas {:?} eps {} wd {} clip {}; warm-up {:?}, decay {:?}; EMA {}",
             c.train.optm_name,
@@ -329,11 +359,18 @@ impl Plan {
                 self.total_steps.to_string()
             },
             if c.train.ckpt.enable_checkpoint {
-                format!("every {} steps ({}), keep {}", c.train.ckpt.save_freq, c.train.ckpt.save_mode, c.train.ckpt.max_keep)
+                format!(
+                    "every {} steps ({}), keep {}",
+                    c.train.ckpt.save_freq, c.train.ckpt.save_mode, c.train.ckpt.max_keep
+                )
             } else {
                 "off (only the final export)".into()
             },
-            if c.validation.enable { format!("every {} steps", c.validation.freq) } else { "off".into() }
+            if c.validation.enable {
+                format!("every {} steps", c.validation.freq)
+            } else {
+                "off".into()
+            }
         );
         let _ = writeln!(s, "output     {}", c.train.output_dir);
         for w in &self.warnings {

@@ -12,13 +12,13 @@ use anyhow::Context;
 use futures::Stream;
 use proto::runtime::v1::policy_worker_server::{PolicyWorker, PolicyWorkerServer};
 use proto::runtime::v1::*;
-use proto::tensors::{take, to_wire};
 use sana::config::runtime::{lora_config, nft_trainer_config, resolve_model_dir};
 use sana::config::RunConfig;
 use sana::models::SanaTransformer2DModel;
 use sana::training::checkpoint::{CheckpointManager, SaveMode};
 use sana::training::nft_trainer::{NftBatch, NftTrainer, OLD_ADAPTER, TRAINED_ADAPTER};
 use tch::{Device, Kind};
+use tensor_wire::{take, to_wire};
 use tonic::{Request, Response, Status};
 
 /// How the controller started this worker.
@@ -129,7 +129,9 @@ impl PolicyService {
     ) -> Result<T, Status> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut s = state.lock().map_err(|_| Status::internal("a previous call panicked"))?;
+            let mut s = state
+                .lock()
+                .map_err(|_| Status::internal("a previous call panicked"))?;
             s.activity = activity;
             let out = f(&mut s);
             s.activity = "idle".into();
@@ -253,7 +255,10 @@ impl PolicyWorker for PolicyService {
             };
             let state = s.trainer.state(&s.model, data).map_err(internal)?;
             s.ckpt.save(&state).map_err(internal)?;
-            let path = s.ckpt.root().join(sana::training::checkpoint::step_dir_name(state.step));
+            let path = s
+                .ckpt
+                .root()
+                .join(sana::training::checkpoint::step_dir_name(state.step));
             if req.wait {
                 s.ckpt.wait().map_err(internal)?;
             }
@@ -273,7 +278,11 @@ impl PolicyWorker for PolicyService {
 
     async fn resume(&self, _: Request<ResumeRequest>) -> Result<Response<ResumeReply>, Status> {
         self.with_state("resuming".into(), move |s| {
-            let Some(r) = s.ckpt.load_latest().map_err(|e| Status::data_loss(e.to_string()))? else {
+            let Some(r) = s
+                .ckpt
+                .load_latest()
+                .map_err(|e| Status::data_loss(e.to_string()))?
+            else {
                 return Ok(Response::new(ResumeReply::default()));
             };
             let data = s
@@ -316,8 +325,7 @@ pub async fn serve(setup: WorkerSetup, listen: &str) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let stop2 = stop_tx.clone();
-    let service = tokio::task::spawn_blocking(move || PolicyService::new(setup, stop2))
-        .await??;
+    let service = tokio::task::spawn_blocking(move || PolicyService::new(setup, stop2)).await??;
     tracing::info!(%addr, "policy worker serving");
     tokio::spawn(async move {
         let _ = shutdown_signal().await;
@@ -347,4 +355,3 @@ async fn shutdown_signal() -> std::io::Result<()> {
         _ = term.recv() => Ok(()),
     }
 }
-

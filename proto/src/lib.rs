@@ -18,6 +18,3 @@ pub mod runtime {
         tonic::include_proto!("sana_rl.runtime.v1");
     }
 }
-
-#[cfg(feature = "tensors")]
-pub mod tensors;

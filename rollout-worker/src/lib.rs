@@ -13,13 +13,13 @@ use futures::StreamExt;
 use proto::reward::v1::ScoreRequest;
 use proto::runtime::v1::rollout_worker_server::{RolloutWorker, RolloutWorkerServer};
 use proto::runtime::v1::*;
-use proto::tensors::{from_wire, to_wire};
 use reward_gateway::client::{image_request, GatewayClient};
 use sana::config::runtime::{kind_of, lora_config, resolve_model_dir};
 use sana::config::RunConfig;
 use sana::pipelines::pipeline_sana::{GenerateRequest, Sampler, SanaPipeline};
 use sana::pipelines::text_encoding::PromptOptions;
 use tch::{Device, Kind, Tensor};
+use tensor_wire::{from_wire, to_wire};
 use tonic::{Request, Response, Status, Streaming};
 
 /// The adapter rollouts sample with.
@@ -194,7 +194,9 @@ impl RolloutService {
     ) -> Result<T, Status> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut s = state.lock().map_err(|_| Status::internal("a previous call panicked"))?;
+            let mut s = state
+                .lock()
+                .map_err(|_| Status::internal("a previous call panicked"))?;
             s.activity = activity;
             let out = f(&mut s);
             s.activity = "idle".into();
@@ -211,7 +213,10 @@ impl RolloutService {
         let g = b.n_generation.max(1) as usize;
         let size = images.size();
         let (hh, ww) = (size[1] as u64, size[2] as u64);
-        let per_prompt = b.prompts.iter().any(|p| !p.metadata_json.is_empty() && p.metadata_json != "{}");
+        let per_prompt = b
+            .prompts
+            .iter()
+            .any(|p| !p.metadata_json.is_empty() && p.metadata_json != "{}");
         let groups: Vec<Vec<usize>> = if per_prompt {
             (0..b.prompts.len()).map(|i| vec![i]).collect()
         } else {
@@ -226,8 +231,10 @@ impl RolloutService {
                 let part = images.narrow(0, first as i64, n as i64).contiguous();
                 let mut data = vec![0u8; part.numel()];
                 part.copy_data_u8(&mut data, part.numel());
-                let prompts: Vec<(&str, u32)> =
-                    idx.iter().map(|&i| (b.prompts[i].text.as_str(), g as u32)).collect();
+                let prompts: Vec<(&str, u32)> = idx
+                    .iter()
+                    .map(|&i| (b.prompts[i].text.as_str(), g as u32))
+                    .collect();
                 let mut r = image_request(
                     format!(
                         "{}-s{}-r{}-{}{}",
@@ -308,9 +315,19 @@ impl RolloutWorker for RolloutService {
                 let pi = b
                     .prompts
                     .iter()
-                    .find(|p| p.text == grp.prompt && !scores.iter().any(|s: &SampleScore| s.prompt_index == p.index))
+                    .find(|p| {
+                        p.text == grp.prompt
+                            && !scores
+                                .iter()
+                                .any(|s: &SampleScore| s.prompt_index == p.index)
+                    })
                     .map(|p| p.index)
-                    .ok_or_else(|| Status::internal(format!("the gateway answered for an unknown prompt {:?}", grp.prompt)))?;
+                    .ok_or_else(|| {
+                        Status::internal(format!(
+                            "the gateway answered for an unknown prompt {:?}",
+                            grp.prompt
+                        ))
+                    })?;
                 if grp.rewards.len() != g as usize {
                     return Err(Status::internal(format!(
                         "the gateway answered {} rewards for a group of {g}",
@@ -329,16 +346,25 @@ impl RolloutWorker for RolloutService {
         }
         let n = (b.prompts.len() as u32 * g) as usize;
         if scores.len() != n {
-            return Err(Status::internal(format!("{} scores for {n} samples", scores.len())));
+            return Err(Status::internal(format!(
+                "{} scores for {n} samples",
+                scores.len()
+            )));
         }
         let reward_seconds = reward_started.elapsed().as_secs_f64();
         let wire = |name: &str, t: &Tensor| to_wire(name, t).map_err(internal);
         let mut tensors = Vec::new();
         if !b.validation {
             let nt = sampled.timesteps.len() as i64;
-            let ts = Tensor::from_slice(&sampled.timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>())
-                .view([1, nt])
-                .repeat([n as i64, 1]);
+            let ts = Tensor::from_slice(
+                &sampled
+                    .timesteps
+                    .iter()
+                    .map(|&t| t as f32)
+                    .collect::<Vec<_>>(),
+            )
+            .view([1, nt])
+            .repeat([n as i64, 1]);
             tensors = vec![
                 wire("latents_clean", &sampled.latents)?,
                 wire("timesteps", &ts)?,
@@ -360,7 +386,10 @@ impl RolloutWorker for RolloutService {
             images,
             sample_seconds: sampled.seconds,
             reward_seconds,
-            raw_score_means: raw.into_iter().map(|(k, (s, c))| (k, s / c.max(1) as f64)).collect(),
+            raw_score_means: raw
+                .into_iter()
+                .map(|(k, (s, c))| (k, s / c.max(1) as f64))
+                .collect(),
         }))
     }
 
@@ -385,10 +414,16 @@ impl RolloutWorker for RolloutService {
         self.with_state(format!("loading weights v{version}"), move |s| {
             let lora = &s.pipeline.transformer.lora;
             let device = s.pipeline.transformer.device();
-            let tensors: Vec<(String, Tensor)> =
-                tensors.into_iter().map(|(n, t)| (n, t.to_device(device))).collect();
-            lora.load_state_dict(ROLLOUT_ADAPTER, &tensors, std::path::Path::new("<weight update>"))
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let tensors: Vec<(String, Tensor)> = tensors
+                .into_iter()
+                .map(|(n, t)| (n, t.to_device(device)))
+                .collect();
+            lora.load_state_dict(
+                ROLLOUT_ADAPTER,
+                &tensors,
+                std::path::Path::new("<weight update>"),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
             s.version = Some(version);
             tracing::info!(version, "rollout adapter updated");
             Ok(())

@@ -50,7 +50,11 @@ pub fn load_str(text: &str, path: &Path, strict: bool) -> Result<Loaded> {
     // Reported by the caller (the controller prints them; workers load the same file).
     if strict {
         if let Some(u) = unknown.first() {
-            return Err(SanaError::config(path, &u.key, format!("line {}: {}", u.line, u.message())));
+            return Err(SanaError::config(
+                path,
+                &u.key,
+                format!("line {}: {}", u.line, u.message()),
+            ));
         }
     }
     config

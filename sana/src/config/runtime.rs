@@ -27,7 +27,9 @@ pub fn resolve_model_dir(name_or_path: &str, base: &Path) -> Result<PathBuf> {
     let hub = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        });
     if let Some(hub) = hub {
         let snaps = hub
             .join(format!("models--{}", name_or_path.replace('/', "--")))
@@ -35,7 +37,11 @@ pub fn resolve_model_dir(name_or_path: &str, base: &Path) -> Result<PathBuf> {
         if let Ok(rd) = std::fs::read_dir(&snaps) {
             let mut dirs: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
             dirs.sort();
-            if let Some(d) = dirs.into_iter().rev().find(|d| d.join("model_index.json").exists()) {
+            if let Some(d) = dirs
+                .into_iter()
+                .rev()
+                .find(|d| d.join("model_index.json").exists())
+            {
                 return Ok(d);
             }
         }
@@ -56,7 +62,10 @@ pub fn parse_device(s: &str) -> Result<tch::Device> {
         "cuda" => Ok(tch::Device::Cuda(0)),
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => Ok(tch::Device::Cuda(n)),
-            None => Err(SanaError::input("device", format!("{s:?}: expected cpu, cuda or cuda:N"))),
+            None => Err(SanaError::input(
+                "device",
+                format!("{s:?}: expected cpu, cuda or cuda:N"),
+            )),
         },
     }
 }
@@ -103,10 +112,16 @@ pub fn lora_config(l: &LoraSection) -> Result<LoraConfig> {
         }
     }
     if let Some(p) = &l.r_pattern {
-        m.insert("rank_pattern".into(), serde_json::to_value(p).expect("json"));
+        m.insert(
+            "rank_pattern".into(),
+            serde_json::to_value(p).expect("json"),
+        );
     }
     if let Some(p) = &l.alpha_pattern {
-        m.insert("alpha_pattern".into(), serde_json::to_value(p).expect("json"));
+        m.insert(
+            "alpha_pattern".into(),
+            serde_json::to_value(p).expect("json"),
+        );
     }
     LoraConfig::from_json_map(&m, Path::new("[policy.lora]"))
 }
@@ -136,7 +151,11 @@ pub fn adamw(c: &RunConfig) -> AdamWConfig {
         betas: (t.optm_betas[0], t.optm_betas[1]),
         eps: t.epsilon,
         // Plain Adam is AdamW without decay.
-        weight_decay: if t.optm_name == "Adam" { 0.0 } else { t.optm_weight_decay },
+        weight_decay: if t.optm_name == "Adam" {
+            0.0
+        } else {
+            t.optm_weight_decay
+        },
     }
 }
 
@@ -202,15 +221,23 @@ mod tests {
         let cfg = lora_config(&l).unwrap();
         assert_eq!((cfg.r, cfg.lora_alpha), (4, 4.0));
         let missing = LoraSection::default();
-        assert!(lora_config(&missing).unwrap_err().to_string().contains("target_modules"));
+        assert!(lora_config(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("target_modules"));
     }
 
     #[test]
     fn model_dir_errors_say_how_to_get_it() {
         let dir = tempfile::tempdir().unwrap();
-        let err = resolve_model_dir("Org/Nope", dir.path()).unwrap_err().to_string();
+        let err = resolve_model_dir("Org/Nope", dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("huggingface-cli download Org/Nope"), "{err}");
         std::fs::create_dir_all(dir.path().join("p/transformer")).unwrap();
-        assert_eq!(resolve_model_dir("p", dir.path()).unwrap(), dir.path().join("p"));
+        assert_eq!(
+            resolve_model_dir("p", dir.path()).unwrap(),
+            dir.path().join("p")
+        );
     }
 }

@@ -796,31 +796,46 @@ impl RunConfig {
         if d.inference_size.len() != 2 || d.inference_size.iter().any(|&x| x <= 0) {
             return err(
                 "policy.diffusers.inference_size",
-                format!("{:?}: expected [height, width], both positive", d.inference_size),
+                format!(
+                    "{:?}: expected [height, width], both positive",
+                    d.inference_size
+                ),
             );
         }
         if !["float32", "bfloat16", "float16"].contains(&d.dtype.as_str()) {
             return err(
                 "policy.diffusers.dtype",
-                format!("{:?}: expected \"float32\", \"bfloat16\" or \"float16\"", d.dtype),
+                format!(
+                    "{:?}: expected \"float32\", \"bfloat16\" or \"float16\"",
+                    d.dtype
+                ),
             );
         }
         if !["float32", "bfloat16", "float16"].contains(&t.param_dtype.as_str()) {
             return err(
                 "train.param_dtype",
-                format!("{:?}: expected \"float32\", \"bfloat16\" or \"float16\"", t.param_dtype),
+                format!(
+                    "{:?}: expected \"float32\", \"bfloat16\" or \"float16\"",
+                    t.param_dtype
+                ),
             );
         }
         if t.optm_betas.len() != 2 {
             return err(
                 "train.optm_betas",
-                format!("{:?}: expected two numbers, e.g. [0.9, 0.999]", t.optm_betas),
+                format!(
+                    "{:?}: expected two numbers, e.g. [0.9, 0.999]",
+                    t.optm_betas
+                ),
             );
         }
         if !matches!(t.optm_name.as_str(), "AdamW" | "Adam") {
             return err(
                 "train.optm_name",
-                format!("{:?}: sana-rl implements \"AdamW\" (and \"Adam\" as AdamW without decay)", t.optm_name),
+                format!(
+                    "{:?}: sana-rl implements \"AdamW\" (and \"Adam\" as AdamW without decay)",
+                    t.optm_name
+                ),
             );
         }
         if !matches!(t.ckpt.save_mode.as_str(), "async" | "sync") {
@@ -866,7 +881,10 @@ impl RunConfig {
             if tp.kl_beta <= 0.0 {
                 return err(
                     "train.train_policy.kl_beta",
-                    format!("{}: DiffusionNFT needs kl_beta > 0 (the presets use 1e-4)", tp.kl_beta),
+                    format!(
+                        "{}: DiffusionNFT needs kl_beta > 0 (the presets use 1e-4)",
+                        tp.kl_beta
+                    ),
                 );
             }
             let Some(lora) = &self.policy.lora else {
@@ -879,7 +897,10 @@ impl RunConfig {
                 if !lora.lora_names.iter().any(|x| x == n) {
                     return err(
                         "policy.lora.lora_names",
-                        format!("{:?}: DiffusionNFT needs [\"default\", \"old\"]", lora.lora_names),
+                        format!(
+                            "{:?}: DiffusionNFT needs [\"default\", \"old\"]",
+                            lora.lora_names
+                        ),
                     );
                 }
             }
@@ -890,12 +911,18 @@ impl RunConfig {
                 );
             }
             if d.nft_beta <= 0.0 {
-                return err("policy.diffusers.nft_beta", format!("{}: must be > 0", d.nft_beta));
+                return err(
+                    "policy.diffusers.nft_beta",
+                    format!("{}: must be > 0", d.nft_beta),
+                );
             }
             if tp.advantage_high <= 0.0 {
                 return err(
                     "train.train_policy.advantage_high",
-                    format!("{}: must be > 0 (the NFT loss divides by it)", tp.advantage_high),
+                    format!(
+                        "{}: must be > 0 (the NFT loss divides by it)",
+                        tp.advantage_high
+                    ),
                 );
             }
             if self.num_train_timesteps() == 0 {
@@ -910,18 +937,16 @@ impl RunConfig {
             if self.rollout.n_generation == 0 {
                 return err("rollout.n_generation", "must be at least 1".into());
             }
-            if tp.dataset.name.is_empty() && tp.dataset.local_dir.is_empty() {
+            if tp.dataset.name.is_empty() {
                 return err(
                     "train.train_policy.dataset.name",
                     format!(
-                        "missing: name a prompt set ({}) or give dataset.local_dir",
+                        "missing: name the prompt set ({}); dataset.local_dir may point at a local copy",
                         crate::data::prompts::known_names().join(", ")
                     ),
                 );
             }
-            if !tp.dataset.name.is_empty()
-                && !crate::data::prompts::known_names().contains(&tp.dataset.name.as_str())
-            {
+            if !crate::data::prompts::known_names().contains(&tp.dataset.name.as_str()) {
                 return err(
                     "train.train_policy.dataset.name",
                     format!(
@@ -934,7 +959,8 @@ impl RunConfig {
             if tp.remote_reward.reward_fns.is_empty() {
                 return err(
                     "train.train_policy.remote_reward.reward_fns",
-                    "empty: add at least one [[train.train_policy.remote_reward.reward_fns]]".into(),
+                    "empty: add at least one [[train.train_policy.remote_reward.reward_fns]]"
+                        .into(),
                 );
             }
             for (i, f) in tp.remote_reward.reward_fns.iter().enumerate() {
@@ -948,7 +974,8 @@ impl RunConfig {
         } else if tp.dataset.local_dir.is_empty() {
             return err(
                 "train.train_policy.dataset.local_dir",
-                "missing: SFT reads a folder of name.json (with \"prompt\") + name.jpg / name.mp4".into(),
+                "missing: SFT reads a folder of name.json (with \"prompt\") + name.jpg / name.mp4"
+                    .into(),
             );
         }
         Ok(())

@@ -43,11 +43,17 @@ fn defaults_and_values_as_cosmos_rl() {
     assert_eq!(c.rollout.n_generation, 16);
     assert_eq!(c.train.train_batch_per_replica, 8);
     assert_eq!(c.train.optm_lr, 1e-6);
-    assert_eq!(c.policy.diffusers.timesteps_fraction, 1.0, "the misspelt key is not applied");
+    assert_eq!(
+        c.policy.diffusers.timesteps_fraction, 1.0,
+        "the misspelt key is not applied"
+    );
     assert_eq!(c.num_train_timesteps(), 10);
     let f = &c.train.train_policy.remote_reward.reward_fns[0];
     assert_eq!((f.weight, f.clip_min, f.clip_max), (1.0, -5.0, 5.0));
-    assert_eq!(c.validation_reward().reward_fns[0].name, "jpeg_compressibility");
+    assert_eq!(
+        c.validation_reward().reward_fns[0].name,
+        "jpeg_compressibility"
+    );
 }
 
 #[test]
@@ -71,7 +77,10 @@ fn unknown_keys_name_line_and_nearest_key() {
         .find(|k| k.0.ends_with("weigth"))
         .expect("the typo inside an array of tables is reported");
     assert_eq!(w.1, 27);
-    assert_eq!(w.2, Some("train.train_policy.remote_reward.reward_fns[].weight"));
+    assert_eq!(
+        w.2,
+        Some("train.train_policy.remote_reward.reward_fns[].weight")
+    );
 
     let err = load_text(NFT, true).unwrap_err().to_string();
     assert!(
@@ -84,28 +93,69 @@ fn unknown_keys_name_line_and_nearest_key() {
 #[test]
 fn a_key_in_the_wrong_table_points_to_where_it_belongs() {
     let text = "[train]\nnft_beta = 0.5\n";
-    let l = load_text(&format!("{text}[train.train_policy]\ntype = \"sft\"\ndataset.local_dir = \"d\"\n"), false).unwrap();
-    assert_eq!(l.unknown[0].suggestion.as_deref(), Some("policy.diffusers.nft_beta"));
+    let l = load_text(
+        &format!("{text}[train.train_policy]\ntype = \"sft\"\ndataset.local_dir = \"d\"\n"),
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        l.unknown[0].suggestion.as_deref(),
+        Some("policy.diffusers.nft_beta")
+    );
     assert_eq!(l.unknown[0].line, 2);
 }
 
 #[test]
 fn bad_values_fail_naming_file_key_and_fix() {
     let cases = [
-        (NFT.replace("seed = 7", "seed = \"seven\""), "key `train.seed`", "line 18"),
-        (NFT.replace("dataset.name = \"pickscore\"", ""), "train.train_policy.dataset.name", "missing"),
-        (NFT.replace("dataset.name = \"pickscore\"", "dataset.name = \"laion\""), "dataset.name", "not a prompt set"),
-        (NFT.replace("kl_beta = 0.0001", "kl_beta = 0.0"), "kl_beta", "needs kl_beta > 0"),
-        (NFT.replace("lora_names = [\"default\", \"old\"]", ""), "policy.lora.lora_names", "[\"default\", \"old\"]"),
-        (NFT.replace("mode = \"colocated\"", "mode = \"spread\""), "mode", "unknown variant"),
-        (NFT.replace("[policy.diffusers]", "[policy.diffusers]\ninference_size = [512]"), "inference_size", "[height, width]"),
+        (
+            NFT.replace("seed = 7", "seed = \"seven\""),
+            "key `train.seed`",
+            "line 18",
+        ),
+        (
+            NFT.replace("dataset.name = \"pickscore\"", ""),
+            "train.train_policy.dataset.name",
+            "missing",
+        ),
+        (
+            NFT.replace("dataset.name = \"pickscore\"", "dataset.name = \"laion\""),
+            "dataset.name",
+            "not a prompt set",
+        ),
+        (
+            NFT.replace("kl_beta = 0.0001", "kl_beta = 0.0"),
+            "kl_beta",
+            "needs kl_beta > 0",
+        ),
+        (
+            NFT.replace("lora_names = [\"default\", \"old\"]", ""),
+            "policy.lora.lora_names",
+            "[\"default\", \"old\"]",
+        ),
+        (
+            NFT.replace("mode = \"colocated\"", "mode = \"spread\""),
+            "mode",
+            "unknown variant",
+        ),
+        (
+            NFT.replace(
+                "[policy.diffusers]",
+                "[policy.diffusers]\ninference_size = [512]",
+            ),
+            "inference_size",
+            "[height, width]",
+        ),
         ("[train\n".to_string(), "run.toml", "line 1"),
     ];
     for (text, key, msg) in cases {
         let started = std::time::Instant::now();
         let err = load_text(&text, false).unwrap_err().to_string();
         assert!(started.elapsed().as_secs_f64() < 1.0);
-        assert!(err.contains(key) && err.contains(msg), "want {key} / {msg}: {err}");
+        assert!(
+            err.contains(key) && err.contains(msg),
+            "want {key} / {msg}: {err}"
+        );
     }
 }
 
@@ -125,5 +175,8 @@ fn shipped_configs_load_strictly() {
             }
         }
     }
-    assert!(n >= 6, "configs/sana and configs/demo hold the shipped run configs ({n} found)");
+    assert!(
+        n >= 6,
+        "configs/sana and configs/demo hold the shipped run configs ({n} found)"
+    );
 }

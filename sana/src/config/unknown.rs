@@ -100,7 +100,10 @@ fn suggest(key: &str, known: &BTreeSet<String>) -> Option<String> {
     let leaf_of = |k: &str| k.rsplit_once('.').map_or(k, |x| x.1).to_string();
     let parent_of = |k: &str| k.rsplit_once('.').map_or("", |x| x.0).to_string();
     // The same key name elsewhere (a key put in the wrong table).
-    if let Some(k) = known.iter().find(|k| leaf_of(k) == leaf && parent_of(k) != parent) {
+    if let Some(k) = known
+        .iter()
+        .find(|k| leaf_of(k) == leaf && parent_of(k) != parent)
+    {
         return Some(k.clone());
     }
     let limit = (leaf.len() / 3).max(2);

@@ -47,7 +47,10 @@ impl PromptDataset {
         let Some(&(_, pattern, format)) = KNOWN.iter().find(|k| k.0 == name) else {
             return Err(SanaError::input(
                 "dataset.name",
-                format!("{name:?} is not a known prompt set: {}", known_names().join(", ")),
+                format!(
+                    "{name:?} is not a known prompt set: {}",
+                    known_names().join(", ")
+                ),
             ));
         };
         let file = if path.is_dir() {
@@ -62,7 +65,7 @@ impl PromptDataset {
             if line.is_empty() {
                 continue;
             }
-            if format == "text" && !file.extension().is_some_and(|e| e == "jsonl") {
+            if format == "text" && file.extension().is_none_or(|e| e != "jsonl") {
                 items.push(PromptItem {
                     text: line.to_string(),
                     metadata: Map::new(),
@@ -196,7 +199,9 @@ mod tests {
         assert_eq!(g.items[0].metadata["geneval_tags"], "counting");
         assert_eq!(g.items[0].metadata["geneval_includes"][0]["count"], 2);
 
-        let err = PromptDataset::load("laion", "test", dir.path()).unwrap_err().to_string();
+        let err = PromptDataset::load("laion", "test", dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pickscore, ocr, geneval"), "{err}");
     }
 
@@ -216,7 +221,11 @@ mod tests {
         let mut seen = first.clone();
         seen.extend(&rest[..3]);
         seen.sort();
-        assert_eq!(seen, (0..10).collect::<Vec<_>>(), "an epoch visits every prompt once");
+        assert_eq!(
+            seen,
+            (0..10).collect::<Vec<_>>(),
+            "an epoch visits every prompt once"
+        );
         assert_ne!(d.epoch_order(42, 0), d.epoch_order(42, 1));
     }
 }

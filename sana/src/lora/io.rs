@@ -10,6 +10,7 @@
 //!   (`get_peft_kwargs`).
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -312,10 +313,43 @@ pub fn write_safetensors_with_metadata(
         let shape = t.size().iter().map(|&d| d as usize).collect();
         owned.push((name.clone(), Bytes { dtype, shape, data }));
     }
-    let views: Vec<(&str, &Bytes)> = owned.iter().map(|(n, b)| (n.as_str(), b)).collect();
+    // Our own header writer: the safetensors crate serialises the metadata from a
+    // HashMap, so its key order (and the file's bytes) would change run to run.
+    let mut header = serde_json::Map::new();
+    let meta: serde_json::Map<String, Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    header.insert("__metadata__".into(), Value::Object(meta));
+    let mut offset = 0usize;
+    for (name, b) in &owned {
+        let dtype =
+            serde_json::to_value(b.dtype).map_err(|e| weights_err(format!("`{name}`: {e}")))?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype,
+                "shape": b.shape,
+                "data_offsets": [offset, offset + b.data.len()],
+            }),
+        );
+        offset += b.data.len();
+    }
+    let mut head = serde_json::to_vec(&Value::Object(header)).expect("json");
+    // Pad the header to 8 bytes, as the safetensors crate does.
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
     write_atomic(path, |tmp| {
-        safetensors::tensor::serialize_to_file(views, &Some(metadata.clone()), tmp)
-            .map_err(|e| weights_err(format!("cannot write safetensors: {e:?}")))
+        let mut f = std::fs::File::create(tmp).map_err(|e| SanaError::io(tmp, e))?;
+        let io = |e: std::io::Error| SanaError::io(tmp, e);
+        f.write_all(&(head.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        f.write_all(&head).map_err(io)?;
+        for (_, b) in &owned {
+            f.write_all(&b.data).map_err(io)?;
+        }
+        f.sync_all().map_err(io)
     })
 }
 

@@ -1,6 +1,8 @@
-//! `TensorData` ↔ `tch::Tensor` (C-order little-endian bytes; CPU copies).
+//! `proto`'s `TensorData` ↔ `tch::Tensor` (C-order little-endian bytes; CPU
+//! copies). A crate of its own so that `proto` stays free of libtorch: the
+//! reward gateway, which never touches tensors, links no libtorch.
 
-use crate::runtime::v1::TensorData;
+use proto::runtime::v1::TensorData;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +112,9 @@ mod tests {
         m.data.pop();
         assert!(from_wire(&m).unwrap_err().to_string().contains("11 bytes"));
         m.dtype = "complex".into();
-        assert!(from_wire(&m).unwrap_err().to_string().contains("unsupported dtype"));
+        assert!(from_wire(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported dtype"));
     }
 }

@@ -1,0 +1,103 @@
+//! Helpers of the end-to-end tests: the built binaries, a tiny random SANA
+//! pipeline written by diffusers, and run configs pointing at it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A workspace binary of the same profile as this test (scripts/test.sh builds them all).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo build --workspace --bins` (scripts/test.sh does) first",
+        p.display()
+    );
+    p
+}
+
+fn python() -> PathBuf {
+    let venv = std::env::var("VIRTUAL_ENV")
+        .expect("VIRTUAL_ENV is not set: run through scripts/test.sh (or source scripts/env.sh)");
+    Path::new(&venv).join("bin/python")
+}
+
+/// A tiny random-weight SANA pipeline, written once per test process by
+/// scripts/make_random_pipeline.py (diffusers' own save_pretrained).
+pub fn tiny_pipeline() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sana-rl-e2e-pipeline-{}", std::process::id()));
+        let out = Command::new(python())
+            .arg(repo_root().join("scripts/make_random_pipeline.py"))
+            .arg(&dir)
+            .arg("tiny")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "make_random_pipeline.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join("pipeline")
+    })
+}
+
+/// The demo config with the model, prompts and output directory replaced.
+pub fn demo_config(dir: &Path, output_dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text =
+        std::fs::read_to_string(repo_root().join("configs/demo/tiny-image-nft.toml")).unwrap();
+    let prompts = repo_root().join("configs/demo/prompts");
+    let mut reps = vec![
+        (
+            "model_name_or_path = \"out/tiny-sana/pipeline\"".to_string(),
+            format!("model_name_or_path = {:?}", tiny_pipeline()),
+        ),
+        (
+            "dataset.local_dir = \"configs/demo/prompts\"".to_string(),
+            format!("dataset.local_dir = {prompts:?}"),
+        ),
+        (
+            "output_dir = \"./out/runs/tiny-image-nft\"".to_string(),
+            format!("output_dir = {output_dir:?}"),
+        ),
+    ];
+    for (a, b) in edits {
+        reps.push((a.to_string(), b.to_string()));
+    }
+    for (a, b) in reps {
+        assert!(text.contains(&a), "the demo config has no {a:?}");
+        text = text.replace(&a, &b);
+    }
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `metrics.jsonl` rows of a run directory (training steps only).
+pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("reward_mean").is_some())
+        .collect()
+}
+
+/// The single run directory under an output_dir.
+pub fn only_run_dir(output_dir: &Path) -> PathBuf {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(output_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs.pop().unwrap()
+}

@@ -49,22 +49,42 @@ pub fn tiny_pipeline() -> &'static Path {
     })
 }
 
-/// The demo config with the model, prompts and output directory replaced.
+/// The NFT demo config with the model, prompts and output directory replaced.
 pub fn demo_config(dir: &Path, output_dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
-    let mut text =
-        std::fs::read_to_string(repo_root().join("configs/demo/tiny-image-nft.toml")).unwrap();
     let prompts = repo_root().join("configs/demo/prompts");
+    let local = format!("dataset.local_dir = {prompts:?}");
+    let mut all = vec![(
+        "dataset.local_dir = \"configs/demo/prompts\"",
+        local.as_str(),
+    )];
+    all.extend_from_slice(edits);
+    config_from(
+        "tiny-image-nft.toml",
+        "./out/runs/tiny-image-nft",
+        dir,
+        output_dir,
+        &all,
+    )
+}
+
+/// `configs/demo/<template>` with the tiny pipeline as its model, `output_dir`
+/// replacing `template_out`, and `edits` applied; written to `dir/run.toml`.
+pub fn config_from(
+    template: &str,
+    template_out: &str,
+    dir: &Path,
+    output_dir: &Path,
+    edits: &[(&str, &str)],
+) -> PathBuf {
+    let mut text =
+        std::fs::read_to_string(repo_root().join("configs/demo").join(template)).unwrap();
     let mut reps = vec![
         (
             "model_name_or_path = \"out/tiny-sana/pipeline\"".to_string(),
             format!("model_name_or_path = {:?}", tiny_pipeline()),
         ),
         (
-            "dataset.local_dir = \"configs/demo/prompts\"".to_string(),
-            format!("dataset.local_dir = {prompts:?}"),
-        ),
-        (
-            "output_dir = \"./out/runs/tiny-image-nft\"".to_string(),
+            format!("output_dir = {template_out:?}"),
             format!("output_dir = {output_dir:?}"),
         ),
     ];
@@ -72,7 +92,7 @@ pub fn demo_config(dir: &Path, output_dir: &Path, edits: &[(&str, &str)]) -> Pat
         reps.push((a.to_string(), b.to_string()));
     }
     for (a, b) in reps {
-        assert!(text.contains(&a), "the demo config has no {a:?}");
+        assert!(text.contains(&a), "{template} has no {a:?}");
         text = text.replace(&a, &b);
     }
     let path = dir.join("run.toml");
@@ -80,13 +100,29 @@ pub fn demo_config(dir: &Path, output_dir: &Path, edits: &[(&str, &str)]) -> Pat
     path
 }
 
-/// `metrics.jsonl` rows of a run directory (training steps only).
+/// Runs a script of scripts/ with the venv's python; its stdout, or a panic with stderr.
+pub fn python_script(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(python())
+        .arg(repo_root().join("scripts").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `metrics.jsonl` rows of a run directory (training steps only, not validation).
 pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("reward_mean").is_some())
+        .filter(|v| v.get("loss").is_some())
         .collect()
 }
 

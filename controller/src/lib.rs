@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 use launch::{bin, free_port, wait_for_port, Fleet};
 use logs::RunLog;
 use plan::{load_prompts, Plan, RewardSetup};
+use sana::data::prompts::epoch_order;
 
 /// What the command line asked for, besides the config.
 #[derive(Debug, Clone, Default)]
@@ -108,7 +109,8 @@ fn chrono_stamp() -> String {
 struct Job {
     fleet: Fleet,
     policy: PolicyWorkerClient<Channel>,
-    rollout: RolloutWorkerClient<Channel>,
+    /// DiffusionNFT only (SFT has no rollouts).
+    rollout: Option<RolloutWorkerClient<Channel>>,
 }
 
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
@@ -144,8 +146,9 @@ where
     }
 }
 
-/// Starts the reward side (embedded service unless REMOTE_REWARD_* point
-/// elsewhere), the gateway, one policy and one rollout worker.
+/// Starts one policy worker and, for DiffusionNFT, the reward service
+/// (embedded unless REMOTE_REWARD_* point elsewhere), the gateway and one
+/// rollout worker.
 async fn launch(
     opts: &RunOptions,
     plan: &Plan,
@@ -154,33 +157,9 @@ async fn launch(
 ) -> anyhow::Result<Job> {
     let fleet = Fleet::default();
     let logs = run_dir.join("logs");
-    let (enqueue, fetch) = match &plan.rewards {
-        RewardSetup::External { enqueue, fetch } => (enqueue.clone(), fetch.clone()),
-        RewardSetup::Embedded => {
-            let port = free_port()?;
-            let mut cmd = Command::new(bin("reward-service")?);
-            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
-            fleet.spawn("reward-service", cmd, &logs)?;
-            let addr = format!("127.0.0.1:{port}");
-            wait_for_port(&fleet, "reward-service", &addr, Duration::from_secs(60)).await?;
-            (
-                format!("http://{addr}/api/reward/enqueue"),
-                format!("http://{addr}/api/reward/pull"),
-            )
-        }
-    };
-    let gw_port = free_port()?;
-    let gw_addr = format!("127.0.0.1:{gw_port}");
-    let mut cmd = Command::new(bin("reward-gateway")?);
-    cmd.arg("--config")
-        .arg(&opts.config_path)
-        .args(["--listen", &gw_addr])
-        .env("REMOTE_REWARD_ENQUEUE_URL", &enqueue)
-        .env("REMOTE_REWARD_FETCH_URL", &fetch);
-    fleet.spawn("reward-gateway", cmd, &logs)?;
-    wait_for_port(&fleet, "reward-gateway", &gw_addr, Duration::from_secs(60)).await?;
-
     let device = plan.devices[0].clone();
+    let load = Duration::from_secs(1800);
+
     let p_addr = format!("127.0.0.1:{}", free_port()?);
     let mut cmd = Command::new(bin("policy-worker")?);
     cmd.arg("--config")
@@ -191,44 +170,47 @@ async fn launch(
         .arg(run_dir)
         .current_dir(&opts.base_dir);
     fleet.spawn("policy-worker-0", cmd, &logs)?;
-    let r_addr = format!("127.0.0.1:{}", free_port()?);
-    let mut cmd = Command::new(bin("rollout-worker")?);
-    cmd.arg("--config")
-        .arg(&opts.config_path)
-        .args(["--listen", &r_addr, "--rank", "0", "--device", &device])
-        .args([
-            "--gateway",
-            &format!("http://{gw_addr}"),
-            "--run-id",
-            run_id,
-        ])
-        .current_dir(&opts.base_dir);
-    fleet.spawn("rollout-worker-0", cmd, &logs)?;
 
-    let load = Duration::from_secs(1800);
+    let rollout = if plan.kind == RunKind::Nft {
+        let gw_addr = start_rewards(&fleet, opts, plan, &logs).await?;
+        let r_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut cmd = Command::new(bin("rollout-worker")?);
+        cmd.arg("--config")
+            .arg(&opts.config_path)
+            .args(["--listen", &r_addr, "--rank", "0", "--device", &device])
+            .args([
+                "--gateway",
+                &format!("http://{gw_addr}"),
+                "--run-id",
+                run_id,
+            ])
+            .current_dir(&opts.base_dir);
+        fleet.spawn("rollout-worker-0", cmd, &logs)?;
+        wait_for_port(&fleet, "rollout-worker-0", &r_addr, load).await?;
+        let rollout = RolloutWorkerClient::new(channel(&r_addr).await?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let h = wait_healthy(&fleet, "rollout-worker-0", load, || {
+            let mut r = rollout.clone();
+            async move { r.health(HealthRequest {}).await }
+        })
+        .await?;
+        tracing::info!(pid = h.pid, device = %h.device, "rollout worker ready");
+        Some(rollout)
+    } else {
+        None
+    };
+
     wait_for_port(&fleet, "policy-worker-0", &p_addr, load).await?;
-    wait_for_port(&fleet, "rollout-worker-0", &r_addr, load).await?;
     let policy = PolicyWorkerClient::new(channel(&p_addr).await?)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    let rollout = RolloutWorkerClient::new(channel(&r_addr).await?)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
-    let mut p = policy.clone();
     let h = wait_healthy(&fleet, "policy-worker-0", load, || {
-        let mut p = p.clone();
+        let mut p = policy.clone();
         async move { p.health(HealthRequest {}).await }
     })
     .await?;
     tracing::info!(pid = h.pid, device = %h.device, "policy worker ready");
-    let mut r = rollout.clone();
-    let h = wait_healthy(&fleet, "rollout-worker-0", load, || {
-        let mut r = r.clone();
-        async move { r.health(HealthRequest {}).await }
-    })
-    .await?;
-    tracing::info!(pid = h.pid, device = %h.device, "rollout worker ready");
-    let _ = (&mut p, &mut r);
     std::fs::write(
         run_dir.join("workers.json"),
         serde_json::to_string_pretty(&fleet.describe())?,
@@ -238,6 +220,41 @@ async fn launch(
         policy,
         rollout,
     })
+}
+
+/// The reward service (embedded unless REMOTE_REWARD_* point elsewhere) and the
+/// gateway in front of it; returns the gateway's address.
+async fn start_rewards(
+    fleet: &Fleet,
+    opts: &RunOptions,
+    plan: &Plan,
+    logs: &Path,
+) -> anyhow::Result<String> {
+    let (enqueue, fetch) = match &plan.rewards {
+        RewardSetup::External { enqueue, fetch } => (enqueue.clone(), fetch.clone()),
+        RewardSetup::Embedded => {
+            let port = free_port()?;
+            let mut cmd = Command::new(bin("reward-service")?);
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+            fleet.spawn("reward-service", cmd, logs)?;
+            let addr = format!("127.0.0.1:{port}");
+            wait_for_port(fleet, "reward-service", &addr, Duration::from_secs(60)).await?;
+            (
+                format!("http://{addr}/api/reward/enqueue"),
+                format!("http://{addr}/api/reward/pull"),
+            )
+        }
+    };
+    let gw_addr = format!("127.0.0.1:{}", free_port()?);
+    let mut cmd = Command::new(bin("reward-gateway")?);
+    cmd.arg("--config")
+        .arg(&opts.config_path)
+        .args(["--listen", &gw_addr])
+        .env("REMOTE_REWARD_ENQUEUE_URL", &enqueue)
+        .env("REMOTE_REWARD_FETCH_URL", &fetch);
+    fleet.spawn("reward-gateway", cmd, logs)?;
+    wait_for_port(fleet, "reward-gateway", &gw_addr, Duration::from_secs(60)).await?;
+    Ok(gw_addr)
 }
 
 /// Awaits `fut`, failing at once (naming the process) if a worker dies meanwhile.
@@ -293,7 +310,10 @@ async fn sync_weights(job: &mut Job) -> anyhow::Result<u64> {
     guarded(
         &job.fleet,
         "loading the rollout adapter",
-        job.rollout.load_weights(futures::stream::iter(chunks)),
+        job.rollout
+            .as_mut()
+            .context("no rollout worker")?
+            .load_weights(futures::stream::iter(chunks)),
     )
     .await?;
     Ok(version)
@@ -342,11 +362,8 @@ fn train_batch(step: u64, t: &Trajectories) -> TrainBatch {
     TrainBatch { step, tensors }
 }
 
-/// Runs a DiffusionNFT job to its end (or Ctrl-C, or a worker's death).
+/// Runs a DiffusionNFT or SFT job to its end (or Ctrl-C, or a worker's death).
 pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result<()> {
-    if plan.kind != RunKind::Nft {
-        bail!("the controller runs DiffusionNFT configs; SFT runs are not served yet (use `--dry-run` to check the plan)");
-    }
     if let Err(e) = &plan.model_dir {
         bail!("{e}");
     }
@@ -356,11 +373,16 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result
         .unwrap_or_else(|| run_dir(&cfg, &opts.base_dir));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     std::fs::copy(&opts.config_path, run_dir.join("config.toml")).ok();
-    let prompts: PromptDataset = load_prompts(&cfg, &opts.base_dir, false)?;
-    let val_prompts = if cfg.validation.enable {
-        Some(load_prompts(&cfg, &opts.base_dir, true)?)
+    let (prompts, val_prompts) = if plan.kind == RunKind::Nft {
+        let p = load_prompts(&cfg, &opts.base_dir, false)?;
+        let v = if cfg.validation.enable {
+            Some(load_prompts(&cfg, &opts.base_dir, true)?)
+        } else {
+            None
+        };
+        (Some(p), v)
     } else {
-        None
+        (None, None)
     };
     let run_id = format!("{}-{}", chrono_stamp(), std::process::id());
     eprintln!("run directory {}", run_dir.display());
@@ -381,8 +403,13 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result
     });
 
     let mut job = launch(&opts, &plan, &run_dir, &run_id).await?;
-    let result = step_loop(&opts, &cfg, &plan, &mut job, &run_dir, &prompts, val_prompts.as_ref(), &stop)
-        .await
+    let result = match &prompts {
+        Some(p) => {
+            let vp = val_prompts.as_ref();
+            step_loop(&opts, &cfg, &plan, &mut job, &run_dir, p, vp, &stop).await
+        }
+        None => sft_loop(&opts, &cfg, &plan, &mut job, &run_dir, &stop).await,
+    }
         .with_context(|| {
             format!(
                 "the run stopped; its checkpoints are under {}: set train.resume = true to continue from the last one",
@@ -405,13 +432,12 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result
         }),
     )
     .await;
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        job.rollout.shutdown(ShutdownRequest {
+    if let Some(r) = job.rollout.as_mut() {
+        let bye = r.shutdown(ShutdownRequest {
             reason: reason.into(),
-        }),
-    )
-    .await;
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(10), bye).await;
+    }
     job.fleet.stop_all(Duration::from_secs(20));
     result
 }
@@ -428,25 +454,7 @@ async fn step_loop(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let seed = cfg.seed();
-    let mut state = ControllerState::default();
-    if !matches!(cfg.train.resume, BoolOrString::Bool(false)) {
-        let r = guarded(&job.fleet, "resuming", job.policy.resume(ResumeRequest {})).await?;
-        for s in &r.skipped {
-            eprintln!("warning: checkpoint not usable, passed over: {s}");
-        }
-        if r.found {
-            state = serde_json::from_str(&r.controller_state_json)
-                .with_context(|| format!("{}: controller state", r.path))?;
-            eprintln!("resumed from {} (step {})", r.path, r.step);
-        } else if let BoolOrString::Str(p) = &cfg.train.resume {
-            bail!("train.resume = {p:?}: no checkpoint there");
-        } else {
-            eprintln!(
-                "train.resume: no checkpoint yet under {}; starting fresh",
-                run_dir.display()
-            );
-        }
-    }
+    let mut state = resume_state(cfg, job, run_dir).await?;
     let last = opts
         .max_steps
         .map_or(plan.total_steps, |m| (state.step + m).min(plan.total_steps));
@@ -473,6 +481,8 @@ async fn step_loop(
             &job.fleet,
             &format!("step {step}: rollout"),
             job.rollout
+                .as_mut()
+                .context("no rollout worker")?
                 .generate(prompt_batch(step, seed, version, &items, g, false, images)),
         )
         .await?;
@@ -509,15 +519,18 @@ async fn step_loop(
             let vt = guarded(
                 &job.fleet,
                 &format!("step {step}: validation"),
-                job.rollout.generate(prompt_batch(
-                    step,
-                    seed ^ 0x5eed,
-                    version,
-                    &items,
-                    cfg.validation.n_generation.max(1),
-                    true,
-                    0,
-                )),
+                job.rollout
+                    .as_mut()
+                    .context("no rollout worker")?
+                    .generate(prompt_batch(
+                        step,
+                        seed ^ 0x5eed,
+                        version,
+                        &items,
+                        cfg.validation.n_generation.max(1),
+                        true,
+                        0,
+                    )),
             )
             .await?;
             log.validation(step, &vt)?;
@@ -560,5 +573,117 @@ async fn step_loop(
             state.step
         );
     }
+    Ok(())
+}
+
+/// Asks the policy worker to restore its newest checkpoint (with `train.resume`);
+/// returns the controller state saved with it.
+async fn resume_state(
+    cfg: &RunConfig,
+    job: &mut Job,
+    run_dir: &Path,
+) -> anyhow::Result<ControllerState> {
+    if matches!(cfg.train.resume, BoolOrString::Bool(false)) {
+        return Ok(ControllerState::default());
+    }
+    let r = guarded(&job.fleet, "resuming", job.policy.resume(ResumeRequest {})).await?;
+    for s in &r.skipped {
+        eprintln!("warning: checkpoint not usable, passed over: {s}");
+    }
+    if r.found {
+        eprintln!("resumed from {} (step {})", r.path, r.step);
+        return serde_json::from_str(&r.controller_state_json)
+            .with_context(|| format!("{}: controller state", r.path));
+    }
+    if let BoolOrString::Str(p) = &cfg.train.resume {
+        bail!("train.resume = {p:?}: no checkpoint there");
+    }
+    eprintln!(
+        "train.resume: no checkpoint yet under {}; starting fresh",
+        run_dir.display()
+    );
+    Ok(ControllerState::default())
+}
+
+/// SFT: hands the policy worker batches of sample indices (a seeded shuffle per
+/// epoch, whole batches only), logs the loss, checkpoints, exports.
+async fn sft_loop(
+    opts: &RunOptions,
+    cfg: &RunConfig,
+    plan: &Plan,
+    job: &mut Job,
+    run_dir: &Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let n = plan
+        .dataset
+        .as_ref()
+        .map(|d| d.2)
+        .context("the SFT folder is not readable")?;
+    let batch = cfg.train.train_batch_per_replica.max(1);
+    let per_epoch = n / batch;
+    let seed = cfg.seed() ^ cfg.train.train_policy.dataloader_seed;
+    let mut state = resume_state(cfg, job, run_dir).await?;
+    let last = opts
+        .max_steps
+        .map_or(plan.total_steps, |m| (state.step + m).min(plan.total_steps));
+    let mut log = RunLog::open(run_dir, state.step, last, None)?;
+    let ckpt = &cfg.train.ckpt;
+    while state.step < last {
+        let step = state.step + 1;
+        let started = Instant::now();
+        if state.cursor.index + batch > per_epoch * batch {
+            state.cursor.epoch += 1;
+            state.cursor.index = 0;
+        }
+        let order = if cfg.train.train_policy.dataloader_shuffle {
+            epoch_order(n, seed, state.cursor.epoch)
+        } else {
+            (0..n).collect()
+        };
+        let indices: Vec<u64> = order[state.cursor.index..state.cursor.index + batch]
+            .iter()
+            .map(|&i| i as u64)
+            .collect();
+        state.cursor.index += batch;
+        let r = guarded(
+            &job.fleet,
+            &format!("step {step}: SFT update"),
+            job.policy.train_sft(SftBatch { step, indices }),
+        )
+        .await?;
+        state.step = step;
+        log.sft_step(step, &r, batch, started.elapsed().as_secs_f64())?;
+        let stopping = stop.load(Ordering::SeqCst);
+        let periodic = ckpt.enable_checkpoint && step % ckpt.save_freq.max(1) == 0;
+        if periodic && step != last && !stopping {
+            guarded(
+                &job.fleet,
+                &format!("step {step}: checkpoint"),
+                job.policy.checkpoint(CheckpointRequest {
+                    step,
+                    controller_state_json: serde_json::to_string(&state)?,
+                    export: ckpt.export_safetensors,
+                    wait: false,
+                }),
+            )
+            .await?;
+        }
+        if stopping {
+            break;
+        }
+    }
+    let reply = guarded(
+        &job.fleet,
+        "final checkpoint",
+        job.policy.checkpoint(CheckpointRequest {
+            step: state.step,
+            controller_state_json: serde_json::to_string(&state)?,
+            export: true,
+            wait: true,
+        }),
+    )
+    .await?;
+    log.finish(&reply)?;
     Ok(())
 }

@@ -18,8 +18,9 @@ pub struct RunLog {
     metrics: File,
     bar: indicatif::ProgressBar,
     mm_interval: Option<u64>,
-    /// Mean reward per step, for the summary.
+    /// Mean reward per step (NFT) and loss per step (SFT), for the summary.
     pub rewards: Vec<(u64, f64)>,
+    pub losses: Vec<f64>,
 }
 
 fn mean_std(x: &[f64]) -> (f64, f64) {
@@ -57,6 +58,7 @@ impl RunLog {
             bar,
             mm_interval,
             rewards: Vec::new(),
+            losses: Vec::new(),
         })
     }
 
@@ -163,6 +165,36 @@ impl RunLog {
         Ok(())
     }
 
+    pub fn sft_step(
+        &mut self,
+        step: u64,
+        r: &StepResult,
+        batch: usize,
+        step_secs: f64,
+    ) -> anyhow::Result<()> {
+        let mut m: Map<String, Value> = serde_json::from_str(&r.metrics_json).unwrap_or_default();
+        m.insert("step".into(), step.into());
+        m.insert("skipped".into(), r.skipped.into());
+        m.insert(
+            "train_samples_per_s".into(),
+            (batch as f64 / r.seconds.max(1e-9)).into(),
+        );
+        m.insert("step_seconds".into(), step_secs.into());
+        writeln!(self.metrics, "{}", Value::Object(m.clone()))?;
+        self.metrics.flush()?;
+        let loss = m.get("loss").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        self.losses.push(loss);
+        if r.skipped > 0 {
+            self.bar.println(format!(
+                "step {step}: {} unreadable samples skipped",
+                r.skipped
+            ));
+        }
+        self.bar.set_position(step);
+        self.bar.set_message(format!("loss {loss:.4}"));
+        Ok(())
+    }
+
     pub fn validation(&mut self, step: u64, t: &Trajectories) -> anyhow::Result<()> {
         let rewards: Vec<f64> = t.scores.iter().map(|s| s.reward as f64).collect();
         let (m, s) = mean_std(&rewards);
@@ -190,9 +222,16 @@ impl RunLog {
                 / k as f64;
             eprintln!("mean reward: first {k} steps {first:+.4}, last {k} steps {last:+.4}");
         }
+        let k = self.losses.len().min(5);
+        if k > 0 {
+            let first: f64 = self.losses[..k].iter().sum::<f64>() / k as f64;
+            let n = self.losses.len();
+            let last: f64 = self.losses[n - k..].iter().sum::<f64>() / k as f64;
+            eprintln!("mean loss: first {k} steps {first:.4}, last {k} steps {last:.4}");
+        }
         eprintln!("checkpoint {}", ckpt.path);
         if !ckpt.export_path.is_empty() {
-            eprintln!("adapter (PEFT + diffusers) {}", ckpt.export_path);
+            eprintln!("exported weights {}", ckpt.export_path);
         }
         Ok(())
     }

@@ -109,12 +109,6 @@ impl Plan {
     ) -> anyhow::Result<Self> {
         let kind = c.run_kind();
         let mut warnings = Vec::new();
-        if kind == RunKind::Sft {
-            warnings.push(
-                "SFT runs are planned here but not yet run by the controller (DiffusionNFT is)"
-                    .into(),
-            );
-        }
         let model_dir =
             resolve_model_dir(&c.policy.model_name_or_path, base).map_err(|e| e.to_string());
         let colocated = c.mode.is_colocated();
@@ -133,7 +127,7 @@ impl Plan {
             );
         }
         let policy_workers = 1;
-        let rollout_workers = 1;
+        let rollout_workers = usize::from(kind == RunKind::Nft);
         let g = c.rollout.n_generation.max(1);
         let replicas = c.policy.parallelism.n_init_replicas.max(1) as usize;
         let samples_per_step = c.train.train_batch_per_replica * replicas;
@@ -166,6 +160,35 @@ impl Plan {
                     dataset = Some((ds.name.clone(), ds.source.clone(), ds.len()));
                 }
                 Err(e) => warnings.push(e.to_string()),
+            }
+        }
+        if kind == RunKind::Sft {
+            let dir = base.join(&tp.dataset.local_dir);
+            match sana::data::image_folder::ImageFolder::open(&dir) {
+                Ok(f) => {
+                    let per_step = c.train.train_batch_per_replica.max(1);
+                    // drop_last, as Cosmos-RL's loader: whole batches only.
+                    let per_epoch = (f.len() / per_step) as u64;
+                    if per_epoch == 0 {
+                        bail!(
+                            "train.train_batch_per_replica = {per_step} is larger than the {} samples in {}",
+                            f.len(),
+                            dir.display()
+                        );
+                    }
+                    total_steps = total_steps.min(per_epoch * c.train.epoch);
+                    if f.unpaired > 0 {
+                        warnings.push(format!(
+                            "{} SFT samples without an image or a prompt are skipped",
+                            f.unpaired
+                        ));
+                    }
+                    dataset = Some(("sft folder".into(), dir, f.len()));
+                }
+                Err(e) => warnings.push(e.to_string()),
+            }
+            if c.validation.enable {
+                warnings.push("SFT validation (sampling the validation prompts) is not run yet: validation is skipped".into());
             }
         }
         if total_steps == u64::MAX {
@@ -332,9 +355,20 @@ impl Plan {
         } else {
             let _ = writeln!(
                 s,
-                "batch      {} samples/step per rank; mini_batch {}; data {}",
-                c.train.train_batch_per_replica, tp.mini_batch, tp.dataset.local_dir
+                "batch      {} samples/step per rank; mini_batch {}; timesteps {} (mean {}, std {}), train_flow_shift {}",
+                c.train.train_batch_per_replica,
+                tp.mini_batch,
+                d.weighting_scheme,
+                d.logit_mean,
+                d.logit_std,
+                d.train_flow_shift
             );
+            let _ = match &self.dataset {
+                Some((_, path, n)) => {
+                    writeln!(s, "data       {n} image/prompt pairs in {}", path.display())
+                }
+                None => writeln!(s, "data       {} (not readable here)", tp.dataset.local_dir),
+            };
         }
         let _ =
             writeln!(
@@ -353,8 +387,8 @@ impl Plan {
         let _ = writeln!(
             s,
             "steps      {}; checkpoints {}; validation {}",
-            if self.total_steps == 0 && self.kind == RunKind::Nft {
-                "unknown (the prompt set is not readable here)".to_string()
+            if self.total_steps == 0 {
+                "unknown (the data is not readable here)".to_string()
             } else {
                 self.total_steps.to_string()
             },

@@ -1,6 +1,7 @@
 //! The policy worker: holds the trainable SANA transformer (LoRA "default" and
-//! "old" for DiffusionNFT), its optimizer, EMA and checkpoints, and runs the
-//! training steps the controller sends (`sana_rl.runtime.v1.PolicyWorker`).
+//! "old" for DiffusionNFT; full weights or a LoRA for SFT, with the VAE and text
+//! encoder that encode its samples), its optimizer, EMA and checkpoints, and
+//! runs the training steps the controller sends (`sana_rl.runtime.v1.PolicyWorker`).
 //! All tensor work runs on a blocking thread; the gRPC side only moves bytes.
 
 use std::path::PathBuf;
@@ -12,11 +13,20 @@ use anyhow::Context;
 use futures::Stream;
 use proto::runtime::v1::policy_worker_server::{PolicyWorker, PolicyWorkerServer};
 use proto::runtime::v1::*;
-use sana::config::runtime::{lora_config, nft_trainer_config, resolve_model_dir};
-use sana::config::RunConfig;
+use sana::config::runtime::{
+    kind_of, lora_config, nft_trainer_config, resolve_model_dir, sft_trainer_config,
+};
+use sana::config::{RunConfig, RunKind};
+use sana::data::image_folder::{load_batch, ImageFolder};
+use sana::models::modeling_utils::SaveOptions;
 use sana::models::SanaTransformer2DModel;
-use sana::training::checkpoint::{CheckpointManager, SaveMode};
+use sana::pipelines::pipeline_sana::SanaPipeline;
+use sana::pipelines::text_encoding::PromptOptions;
+use sana::schedulers::DPMSolverMultistepConfig;
+use sana::training::checkpoint::{CheckpointManager, SaveMode, TrainingState};
 use sana::training::nft_trainer::{NftBatch, NftTrainer, OLD_ADAPTER, TRAINED_ADAPTER};
+use sana::training::sft::SftTimesteps;
+use sana::training::sft_trainer::{SftBatch as SftTensors, SftTrainer};
 use tch::{Device, Kind};
 use tensor_wire::{take, to_wire};
 use tonic::{Request, Response, Status};
@@ -35,12 +45,37 @@ pub struct WorkerSetup {
     pub output_dir: PathBuf,
 }
 
+/// What this worker trains.
+enum Job {
+    Nft {
+        model: SanaTransformer2DModel,
+        trainer: NftTrainer,
+    },
+    /// SFT needs the VAE and text encoder too: samples are encoded here.
+    Sft {
+        pipeline: Box<SanaPipeline>,
+        trainer: SftTrainer,
+        folder: ImageFolder,
+        size: i64,
+        prompts: PromptOptions,
+        export: SaveOptions,
+    },
+}
+
 struct State {
-    model: SanaTransformer2DModel,
-    trainer: NftTrainer,
+    job: Job,
     ckpt: CheckpointManager,
     /// What the worker is doing, for health replies.
     activity: String,
+}
+
+impl State {
+    fn step(&self) -> u64 {
+        match &self.job {
+            Job::Nft { trainer, .. } => trainer.step,
+            Job::Sft { trainer, .. } => trainer.step,
+        }
+    }
 }
 
 /// The gRPC service.
@@ -54,28 +89,21 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
-/// Builds the model, adapters and trainer (minutes for a large model: done before serving).
-fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
-    let c = &setup.config;
-    let model_dir = resolve_model_dir(&c.policy.model_name_or_path, &setup.base_dir)?;
-    let lora = c
-        .policy
-        .lora
-        .as_ref()
-        .context("DiffusionNFT trains a LoRA: [policy.lora] is required")?;
-    // Master weights in fp32; compute in fp32 too (mixed precision arrives with FSDP).
-    let mut model = SanaTransformer2DModel::from_pretrained(
-        &model_dir.join("transformer"),
-        setup.device,
-        Kind::Float,
-    )
-    .with_context(|| format!("loading the transformer of {}", model_dir.display()))?;
+/// Adds the trained adapter ("default": from `lora_path` or freshly initialised).
+fn add_trained_adapter(
+    model: &mut SanaTransformer2DModel,
+    c: &RunConfig,
+    base: &std::path::Path,
+) -> anyhow::Result<Option<sana::lora::LoraConfig>> {
+    let Some(lora) = &c.policy.lora else {
+        return Ok(None);
+    };
     // Adapter init draws random numbers: seed them so every run (and a resume) starts alike.
     tch::manual_seed(c.seed() as i64);
     let lcfg = lora_config(lora)?;
     match &lora.lora_path {
         Some(p) => {
-            let path = setup.base_dir.join(p);
+            let path = base.join(p);
             model
                 .lora
                 .load_adapter(TRAINED_ADAPTER, &path)
@@ -83,8 +111,63 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
         }
         None => model.lora.add_adapter(TRAINED_ADAPTER, &lcfg)?,
     }
-    model.lora.add_adapter(OLD_ADAPTER, &lcfg)?;
-    let trainer = NftTrainer::new(&mut model, nft_trainer_config(c, setup.total_steps)?)?;
+    Ok(Some(lcfg))
+}
+
+/// Builds the model, adapters and trainer (minutes for a large model: done before serving).
+fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
+    let c = &setup.config;
+    let model_dir = resolve_model_dir(&c.policy.model_name_or_path, &setup.base_dir)?;
+    // Master weights in fp32; compute in fp32 too (mixed precision arrives with FSDP).
+    let job = match c.run_kind() {
+        RunKind::Nft => {
+            let mut model = SanaTransformer2DModel::from_pretrained(
+                &model_dir.join("transformer"),
+                setup.device,
+                Kind::Float,
+            )
+            .with_context(|| format!("loading the transformer of {}", model_dir.display()))?;
+            let lcfg = add_trained_adapter(&mut model, c, &setup.base_dir)?
+                .context("DiffusionNFT trains a LoRA: [policy.lora] is required")?;
+            model.lora.add_adapter(OLD_ADAPTER, &lcfg)?;
+            let trainer = NftTrainer::new(&mut model, nft_trainer_config(c, setup.total_steps)?)?;
+            Job::Nft { model, trainer }
+        }
+        RunKind::Sft => {
+            let mut pipeline = SanaPipeline::from_pretrained(&model_dir, setup.device, Kind::Float)
+                .with_context(|| format!("loading the pipeline {}", model_dir.display()))?;
+            add_trained_adapter(&mut pipeline.transformer, c, &setup.base_dir)?;
+            let dpm = DPMSolverMultistepConfig::from_json_file(&pipeline.scheduler_config)?;
+            let timesteps = SftTimesteps::new(&dpm, c.policy.diffusers.train_flow_shift)?;
+            let trainer = SftTrainer::new(
+                &mut pipeline.transformer,
+                sft_trainer_config(c, setup.total_steps)?,
+                timesteps,
+            )?;
+            let folder =
+                ImageFolder::open(&setup.base_dir.join(&c.train.train_policy.dataset.local_dir))?;
+            if folder.unpaired > 0 {
+                tracing::warn!(
+                    unpaired = folder.unpaired,
+                    "SFT samples without image or prompt are skipped"
+                );
+            }
+            Job::Sft {
+                pipeline: Box::new(pipeline),
+                trainer,
+                folder,
+                size: c.policy.diffusers.inference_size[0],
+                prompts: PromptOptions {
+                    max_sequence_length: c.policy.diffusers.max_prompt_length,
+                    ..Default::default()
+                },
+                export: SaveOptions {
+                    kind: Some(kind_of(&c.train.param_dtype)?),
+                    ..Default::default()
+                },
+            }
+        }
+    };
     let mode = if c.train.ckpt.save_mode == "sync" {
         SaveMode::Sync
     } else {
@@ -97,8 +180,7 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
     };
     let ckpt = CheckpointManager::new(setup.output_dir.join("checkpoints"), mode, keep);
     Ok(State {
-        model,
-        trainer,
+        job,
         ckpt,
         activity: "idle".into(),
     })
@@ -149,7 +231,7 @@ impl PolicyWorker for PolicyService {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
         // try_lock: a busy worker is healthy; say what it is doing.
         let (version, state) = match self.state.try_lock() {
-            Ok(s) => (s.trainer.step, s.activity.clone()),
+            Ok(s) => (s.step(), s.activity.clone()),
             Err(_) => (0, "busy".into()),
         };
         Ok(Response::new(HealthReply {
@@ -167,10 +249,15 @@ impl PolicyWorker for PolicyService {
         let device = self.setup.device;
         let step = req.step;
         self.with_state(format!("training step {step}"), move |s| {
-            if step != s.trainer.step + 1 {
+            let Job::Nft { model, trainer } = &mut s.job else {
+                return Err(Status::failed_precondition(
+                    "this worker runs SFT, not DiffusionNFT",
+                ));
+            };
+            if step != trainer.step + 1 {
                 return Err(Status::failed_precondition(format!(
                     "asked to train step {step}, but this worker has done {} steps",
-                    s.trainer.step
+                    trainer.step
                 )));
             }
             let t = |name: &str| {
@@ -181,14 +268,13 @@ impl PolicyWorker for PolicyService {
             let batch = NftBatch {
                 latents_clean: t("latents_clean")?,
                 timesteps: t("timesteps")?,
-                prompt_embeds: t("prompt_embeds")?.to_kind(s.model.kind()),
+                prompt_embeds: t("prompt_embeds")?.to_kind(model.kind()),
                 prompt_attention_mask: t("prompt_attention_mask")?,
                 advantages: t("advantages")?,
             };
             let started = Instant::now();
-            let m = s
-                .trainer
-                .train_step(&s.model, &batch)
+            let m = trainer
+                .train_step(model, &batch)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(Response::new(StepResult {
                 step: m.step,
@@ -200,10 +286,65 @@ impl PolicyWorker for PolicyService {
         .await
     }
 
-    async fn train_sft(&self, _: Request<SftBatch>) -> Result<Response<StepResult>, Status> {
-        Err(Status::unimplemented(
-            "this policy worker runs DiffusionNFT; SFT runs are not served by the controller yet",
-        ))
+    async fn train_sft(&self, req: Request<SftBatch>) -> Result<Response<StepResult>, Status> {
+        let req = req.into_inner();
+        let step = req.step;
+        self.with_state(format!("training step {step}"), move |s| {
+            let Job::Sft {
+                pipeline,
+                trainer,
+                folder,
+                size,
+                prompts,
+                ..
+            } = &mut s.job
+            else {
+                return Err(Status::failed_precondition(
+                    "this worker runs DiffusionNFT, not SFT",
+                ));
+            };
+            if step != trainer.step + 1 {
+                return Err(Status::failed_precondition(format!(
+                    "asked to train step {step}, but this worker has done {} steps",
+                    trainer.step
+                )));
+            }
+            let started = Instant::now();
+            let indices: Vec<usize> = req.indices.iter().map(|&i| i as usize).collect();
+            let (images, texts, skipped) = load_batch(folder, &indices, *size);
+            let Some(images) = images else {
+                return Err(Status::data_loss(format!(
+                    "step {step}: none of the {} samples could be read (see the worker log)",
+                    indices.len()
+                )));
+            };
+            let device = pipeline.transformer.device();
+            // Encoders frozen, in no_grad: SANA's latents are the DC-AE's times its scaling factor.
+            let (latents, emb) = tch::no_grad(|| -> sana::Result<_> {
+                let z = pipeline
+                    .vae
+                    .encode(&images.to_device(device).to_kind(pipeline.vae.kind()))?;
+                let latents = (z * pipeline.vae.scaling_factor()).to_kind(Kind::Float);
+                let emb = pipeline.text_encoder.encode_prompt(&texts, prompts)?;
+                Ok((latents, emb))
+            })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let batch = SftTensors {
+                latents,
+                prompt_embeds: emb.embeds.to_kind(pipeline.transformer.kind()),
+                prompt_attention_mask: emb.mask,
+            };
+            let m = trainer
+                .train_step(&pipeline.transformer, &batch)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Response::new(StepResult {
+                step: m.step,
+                metrics_json: serde_json::to_string(&m).map_err(internal)?,
+                skipped: skipped as u32,
+                seconds: started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await
     }
 
     type GetWeightsStream = ChunkStream;
@@ -220,8 +361,12 @@ impl PolicyWorker for PolicyService {
         }
         let chunk = self
             .with_state("sending weights".into(), move |s| {
-                let tensors = s
-                    .model
+                let Job::Nft { model, trainer } = &s.job else {
+                    return Err(Status::failed_precondition(
+                        "an SFT worker has no rollout adapter",
+                    ));
+                };
+                let tensors = model
                     .lora
                     .state_dict(OLD_ADAPTER)
                     .map_err(internal)?
@@ -230,7 +375,7 @@ impl PolicyWorker for PolicyService {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(internal)?;
                 Ok(WeightChunk {
-                    version: s.trainer.step,
+                    version: trainer.step,
                     chunk: 0,
                     num_chunks: 1,
                     tensors,
@@ -253,7 +398,10 @@ impl PolicyWorker for PolicyService {
                 serde_json::from_str(&req.controller_state_json)
                     .map_err(|e| Status::invalid_argument(format!("controller_state_json: {e}")))?
             };
-            let state = s.trainer.state(&s.model, data).map_err(internal)?;
+            let state: TrainingState = match &s.job {
+                Job::Nft { model, trainer } => trainer.state(model, data).map_err(internal)?,
+                Job::Sft { trainer, .. } => trainer.state(data),
+            };
             s.ckpt.save(&state).map_err(internal)?;
             let path = s
                 .ckpt
@@ -265,7 +413,24 @@ impl PolicyWorker for PolicyService {
             let mut export_path = String::new();
             if req.export {
                 let dir = out.join("safetensors").join(format!("step_{}", state.step));
-                s.trainer.export_adapter(&s.model, &dir).map_err(internal)?;
+                match &s.job {
+                    Job::Nft { model, trainer } => trainer.export_adapter(model, &dir),
+                    // Full weights: a diffusers transformer/ folder in param_dtype.
+                    Job::Sft {
+                        pipeline,
+                        trainer,
+                        export,
+                        ..
+                    } => {
+                        let target = if pipeline.transformer.lora.adapter_names().is_empty() {
+                            dir.join("transformer")
+                        } else {
+                            dir.clone()
+                        };
+                        trainer.export(&pipeline.transformer, &target, export)
+                    }
+                }
+                .map_err(internal)?;
                 export_path = dir.display().to_string();
             }
             Ok(Response::new(CheckpointReply {
@@ -285,13 +450,14 @@ impl PolicyWorker for PolicyService {
             else {
                 return Ok(Response::new(ResumeReply::default()));
             };
-            let data = s
-                .trainer
-                .restore(&s.model, r.state, &r.path)
-                .map_err(|e| Status::data_loss(e.to_string()))?;
+            let data = match &mut s.job {
+                Job::Nft { model, trainer } => trainer.restore(model, r.state, &r.path),
+                Job::Sft { trainer, .. } => trainer.restore(r.state, &r.path),
+            }
+            .map_err(|e| Status::data_loss(e.to_string()))?;
             Ok(Response::new(ResumeReply {
                 found: true,
-                step: s.trainer.step,
+                step: s.step(),
                 controller_state_json: data.to_string(),
                 path: r.path.display().to_string(),
                 skipped: r

@@ -2,4 +2,5 @@
 //! image folders (`image_folder`). Loading never panics on a bad file: it is
 //! skipped and counted, and the count is logged.
 
+pub mod image_folder;
 pub mod prompts;

@@ -105,24 +105,29 @@ impl PromptDataset {
         self.items.is_empty()
     }
 
-    /// The epoch's order: a Fisher–Yates shuffle seeded by `(seed, epoch)`
-    /// (SplitMix64), the same on every machine and every resume.
+    /// The epoch's order (see [`epoch_order`]).
     pub fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.items.len()).collect();
-        let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut next = || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        for i in (1..order.len()).rev() {
-            let j = (next() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
-        order
+        epoch_order(self.items.len(), seed, epoch)
     }
+}
+
+/// An epoch's order of `n` items: a Fisher–Yates shuffle seeded by `(seed, epoch)`
+/// (SplitMix64), the same on every machine and every resume.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..order.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
 }
 
 /// A JSONL line: `prompt` (required); geneval's `tag` and `include` become

@@ -48,7 +48,7 @@ pub struct WorkerSetup {
 /// What this worker trains.
 enum Job {
     Nft {
-        model: SanaTransformer2DModel,
+        model: Box<SanaTransformer2DModel>,
         trainer: NftTrainer,
     },
     /// SFT needs the VAE and text encoder too: samples are encoded here.
@@ -131,7 +131,10 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
                 .context("DiffusionNFT trains a LoRA: [policy.lora] is required")?;
             model.lora.add_adapter(OLD_ADAPTER, &lcfg)?;
             let trainer = NftTrainer::new(&mut model, nft_trainer_config(c, setup.total_steps)?)?;
-            Job::Nft { model, trainer }
+            Job::Nft {
+                model: Box::new(model),
+                trainer,
+            }
         }
         RunKind::Sft => {
             let mut pipeline = SanaPipeline::from_pretrained(&model_dir, setup.device, Kind::Float)

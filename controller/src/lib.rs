@@ -7,6 +7,7 @@
 pub mod launch;
 pub mod logs;
 pub mod plan;
+pub mod tensorboard;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

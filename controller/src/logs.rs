@@ -1,6 +1,6 @@
 //! What a run leaves to read and plot: a progress bar with step, reward and
 //! ETA; `metrics.jsonl` (one JSON object per step: every NFT metric, rewards,
-//! throughput); `mm_data/step_<N>.png` image grids of rollouts with
+//! throughput) and the same as TensorBoard scalars in `tensorboard/`; `mm_data/step_<N>.png` image grids of rollouts with
 //! `step_<N>.json` holding their prompts and rewards.
 
 use std::fs::{File, OpenOptions};
@@ -16,6 +16,7 @@ use tch::{Kind, Tensor};
 pub struct RunLog {
     dir: PathBuf,
     metrics: File,
+    events: crate::tensorboard::EventWriter,
     bar: indicatif::ProgressBar,
     mm_interval: Option<u64>,
     /// Mean reward per step (NFT) and loss per step (SFT), for the summary.
@@ -52,9 +53,11 @@ impl RunLog {
         );
         bar.set_position(first_step);
         bar.set_message("starting");
+        let events = crate::tensorboard::EventWriter::create(&dir.join("tensorboard"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             metrics,
+            events,
             bar,
             mm_interval,
             rewards: Vec::new(),
@@ -108,6 +111,7 @@ impl RunLog {
         );
         writeln!(self.metrics, "{}", Value::Object(m.clone()))?;
         self.metrics.flush()?;
+        self.events.scalars(step, &m)?;
         self.rewards.push((step, rm));
         let loss = m.get("loss").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         self.bar.set_position(step);
@@ -182,6 +186,7 @@ impl RunLog {
         m.insert("step_seconds".into(), step_secs.into());
         writeln!(self.metrics, "{}", Value::Object(m.clone()))?;
         self.metrics.flush()?;
+        self.events.scalars(step, &m)?;
         let loss = m.get("loss").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         self.losses.push(loss);
         if r.skipped > 0 {
@@ -198,11 +203,11 @@ impl RunLog {
     pub fn validation(&mut self, step: u64, t: &Trajectories) -> anyhow::Result<()> {
         let rewards: Vec<f64> = t.scores.iter().map(|s| s.reward as f64).collect();
         let (m, s) = mean_std(&rewards);
-        writeln!(
-            self.metrics,
-            "{}",
-            json!({"step": step, "validation/reward_mean": m, "validation/reward_std": s, "validation/samples": rewards.len()})
-        )?;
+        let row = json!({"step": step, "validation/reward_mean": m, "validation/reward_std": s, "validation/samples": rewards.len()});
+        writeln!(self.metrics, "{row}")?;
+        if let Value::Object(map) = &row {
+            self.events.scalars(step, map)?;
+        }
         self.bar.println(format!(
             "step {step}: validation reward {m:+.4} ±{s:.4} over {} samples",
             rewards.len()

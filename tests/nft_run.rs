@@ -178,33 +178,64 @@ fn ctrl_c_stops_cleanly_with_a_final_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("runs");
     let cfg = demo_config(dir.path(), &out, &[]);
-    let child = controller(&cfg).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = controller(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     let run = loop {
-        let run = std::fs::read_dir(&out).ok().and_then(|mut rd| rd.next()).map(|e| e.unwrap().path());
+        let run = std::fs::read_dir(&out)
+            .ok()
+            .and_then(|mut rd| rd.next())
+            .map(|e| e.unwrap().path());
         if let Some(run) = run {
             if metrics(&run).len() >= 3 {
                 break run;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "the run never reached step 3");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the run never reached step 3"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let worker_pids: Vec<u32> = ["policy-worker-0", "rollout-worker-0", "reward-gateway", "reward-service"]
-        .iter()
-        .map(|n| pid_of(&run, n))
-        .collect();
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let worker_pids: Vec<u32> = [
+        "policy-worker-0",
+        "rollout-worker-0",
+        "reward-gateway",
+        "reward-service",
+    ]
+    .iter()
+    .map(|n| pid_of(&run, n))
+    .collect();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     let res = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{stderr}");
     let steps = metrics(&run).len();
-    assert!(steps < 20 && stderr.contains(&format!("stopped at step {steps}")), "{stderr}");
-    assert!(run.join(format!("checkpoints/step_{steps}/manifest.json")).exists());
-    assert!(run.join(format!("safetensors/step_{steps}/adapter_model.safetensors")).exists());
+    assert!(
+        steps < 20 && stderr.contains(&format!("stopped at step {steps}")),
+        "{stderr}"
+    );
+    assert!(run
+        .join(format!("checkpoints/step_{steps}/manifest.json"))
+        .exists());
+    assert!(run
+        .join(format!(
+            "safetensors/step_{steps}/adapter_model.safetensors"
+        ))
+        .exists());
     for pid in worker_pids {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} outlived the run");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} outlived the run"
+        );
     }
-    let events: Vec<_> = std::fs::read_dir(run.join("tensorboard")).unwrap().collect();
+    let events: Vec<_> = std::fs::read_dir(run.join("tensorboard"))
+        .unwrap()
+        .collect();
     assert_eq!(events.len(), 1, "one TensorBoard event file");
 }

@@ -22,6 +22,7 @@ use proto::runtime::v1::*;
 use sana::config::{BoolOrString, RunConfig, RunKind};
 use sana::data::prompts::{Cursor, PromptDataset};
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use launch::{bin, free_port, wait_for_port, Fleet};
 use logs::RunLog;
@@ -29,7 +30,7 @@ use plan::{load_prompts, Plan, RewardSetup};
 use sana::data::prompts::epoch_order;
 
 /// What the command line asked for, besides the config.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     pub config_path: PathBuf,
     /// Relative paths in the config resolve against this (the working directory).
@@ -38,6 +39,10 @@ pub struct RunOptions {
     pub max_steps: Option<u64>,
     /// Run directory instead of `<train.output_dir>/<timestamp>`.
     pub run_dir: Option<PathBuf>,
+    /// OTLP collector for every process's spans.
+    pub otlp_endpoint: Option<String>,
+    /// The controller's root span: workers' spans go under it (`TRACEPARENT`).
+    pub trace_root: tracing::Span,
 }
 
 /// The controller's own resumable state, saved inside the policy checkpoint.
@@ -106,6 +111,16 @@ fn chrono_stamp() -> String {
     )
 }
 
+/// Tracing context for a child process: the collector and our root span.
+fn trace_env(cmd: &mut Command, opts: &RunOptions) {
+    if let Some(e) = &opts.otlp_endpoint {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", e);
+        if let Some(tp) = telemetry::traceparent(&opts.trace_root) {
+            cmd.env(telemetry::TRACEPARENT, tp);
+        }
+    }
+}
+
 /// The processes and clients of a running job.
 struct Job {
     fleet: Fleet,
@@ -170,6 +185,7 @@ async fn launch(
         .arg("--output-dir")
         .arg(run_dir)
         .current_dir(&opts.base_dir);
+    trace_env(&mut cmd, opts);
     fleet.spawn("policy-worker-0", cmd, &logs)?;
 
     let rollout = if plan.kind == RunKind::Nft {
@@ -186,6 +202,7 @@ async fn launch(
                 run_id,
             ])
             .current_dir(&opts.base_dir);
+        trace_env(&mut cmd, opts);
         fleet.spawn("rollout-worker-0", cmd, &logs)?;
         wait_for_port(&fleet, "rollout-worker-0", &r_addr, load).await?;
         let rollout = RolloutWorkerClient::new(channel(&r_addr).await?)
@@ -471,6 +488,7 @@ async fn step_loop(
 
     while state.step < last {
         let step = state.step + 1;
+        let span = tracing::info_span!(parent: &opts.trace_root, "step", step, kind = "nft");
         let started = Instant::now();
         let items = state.cursor.take(
             prompts,
@@ -486,6 +504,7 @@ async fn step_loop(
                 .context("no rollout worker")?
                 .generate(prompt_batch(step, seed, version, &items, g, false, images)),
         )
+        .instrument(span.clone())
         .await?;
         let train_started = Instant::now();
         let result = guarded(
@@ -493,9 +512,10 @@ async fn step_loop(
             &format!("step {step}: policy update"),
             job.policy.train_nft(train_batch(step, &traj)),
         )
+        .instrument(span.clone())
         .await?;
         let train_secs = train_started.elapsed().as_secs_f64();
-        version = sync_weights(job).await?;
+        version = sync_weights(job).instrument(span.clone()).await?;
         state.step = step;
         log.step(
             step,
@@ -533,6 +553,7 @@ async fn step_loop(
                         0,
                     )),
             )
+            .instrument(span.clone())
             .await?;
             log.validation(step, &vt)?;
         }
@@ -549,6 +570,7 @@ async fn step_loop(
                     wait: false,
                 }),
             )
+            .instrument(span.clone())
             .await?;
         }
         if stopping {
@@ -632,6 +654,7 @@ async fn sft_loop(
     let ckpt = &cfg.train.ckpt;
     while state.step < last {
         let step = state.step + 1;
+        let span = tracing::info_span!(parent: &opts.trace_root, "step", step, kind = "sft");
         let started = Instant::now();
         if state.cursor.index + batch > per_epoch * batch {
             state.cursor.epoch += 1;
@@ -652,6 +675,7 @@ async fn sft_loop(
             &format!("step {step}: SFT update"),
             job.policy.train_sft(SftBatch { step, indices }),
         )
+        .instrument(span.clone())
         .await?;
         state.step = step;
         log.sft_step(step, &r, batch, started.elapsed().as_secs_f64())?;
@@ -668,6 +692,7 @@ async fn sft_loop(
                     wait: false,
                 }),
             )
+            .instrument(span.clone())
             .await?;
         }
         if stopping {

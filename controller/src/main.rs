@@ -32,16 +32,27 @@ struct Args {
     /// Use this run directory instead of <train.output_dir>/<timestamp>.
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Send tracing spans of every process of the run to this OpenTelemetry
+    /// collector (OTLP/gRPC, e.g. http://localhost:4317), as one trace.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match real_main() {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // The OTLP exporter needs the runtime; the guard flushes spans at exit.
+    let _rt = rt.enter();
+    let tel = telemetry::init("controller", "warn", args.otlp_endpoint.as_deref());
+    let res = real_main(args, &rt, &tel);
+    drop(tel);
+    match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -50,8 +61,11 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn real_main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn real_main(
+    args: Args,
+    rt: &tokio::runtime::Runtime,
+    tel: &telemetry::Telemetry,
+) -> anyhow::Result<()> {
     let loaded = sana::config::load(&args.config, args.strict)?;
     for u in &loaded.unknown {
         eprintln!(
@@ -78,6 +92,8 @@ fn real_main() -> anyhow::Result<()> {
         base_dir: base,
         max_steps: args.max_steps,
         run_dir: args.run_dir,
+        otlp_endpoint: args.otlp_endpoint,
+        trace_root: tel.root.clone(),
     };
-    tokio::runtime::Runtime::new()?.block_on(controller::run(opts, loaded.config, plan))
+    rt.block_on(controller::run(opts, loaded.config, plan))
 }

@@ -87,13 +87,21 @@ impl EventWriter {
     }
 
     /// One event holding every finite number of `metrics` as a scalar.
-    pub fn scalars(&mut self, step: u64, metrics: &serde_json::Map<String, serde_json::Value>) -> std::io::Result<()> {
+    pub fn scalars(
+        &mut self,
+        step: u64,
+        metrics: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::io::Result<()> {
         let value = metrics
             .iter()
             .filter(|(k, _)| *k != "step" && *k != "time")
             .filter_map(|(k, v)| v.as_f64().filter(|x| x.is_finite()).map(|x| (k, x)))
             .map(|(k, x)| SummaryValue {
-                tag: if k.contains('/') { k.clone() } else { format!("train/{k}") },
+                tag: if k.contains('/') {
+                    k.clone()
+                } else {
+                    format!("train/{k}")
+                },
                 simple_value: Some(x as f32),
             })
             .collect();
@@ -118,9 +126,15 @@ pub fn read_events(path: &Path) -> std::io::Result<Vec<Event>> {
         if crc != masked_crc(len_b) {
             return Err(bad("length CRC mismatch"));
         }
-        let data = bytes.get(i + 12..i + 12 + len).ok_or_else(|| bad("short record"))?;
+        let data = bytes
+            .get(i + 12..i + 12 + len)
+            .ok_or_else(|| bad("short record"))?;
         let dcrc = u32::from_le_bytes(
-            bytes.get(i + 12 + len..i + 16 + len).ok_or_else(|| bad("short CRC"))?.try_into().unwrap(),
+            bytes
+                .get(i + 12 + len..i + 16 + len)
+                .ok_or_else(|| bad("short CRC"))?
+                .try_into()
+                .unwrap(),
         );
         if dcrc != masked_crc(data) {
             return Err(bad("data CRC mismatch"));
@@ -145,8 +159,10 @@ mod tests {
     fn scalars_round_trip() {
         let d = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(d.path()).unwrap();
-        let m: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(r#"{"step": 3, "loss": 0.5, "reward/jpeg": -0.03, "note": "x", "nan": null}"#).unwrap();
+        let m: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+            r#"{"step": 3, "loss": 0.5, "reward/jpeg": -0.03, "note": "x", "nan": null}"#,
+        )
+        .unwrap();
         w.scalars(3, &m).unwrap();
         let ev = read_events(&w.path).unwrap();
         assert_eq!(ev[0].file_version.as_deref(), Some("brain.Event:2"));

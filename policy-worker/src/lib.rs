@@ -43,6 +43,8 @@ pub struct WorkerSetup {
     pub total_steps: u64,
     /// The run's output directory (checkpoints under `checkpoints/`, exports under `safetensors/`).
     pub output_dir: PathBuf,
+    /// Parent of the spans of every call (the process root, under the controller's).
+    pub trace_root: tracing::Span,
 }
 
 /// What this worker trains.
@@ -213,7 +215,10 @@ impl PolicyService {
         f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let state = self.state.clone();
+        let span =
+            tracing::info_span!(parent: &self.setup.trace_root, "call", activity = %activity);
         tokio::task::spawn_blocking(move || {
+            let _in_call = span.enter();
             let mut s = state
                 .lock()
                 .map_err(|_| Status::internal("a previous call panicked"))?;

@@ -29,13 +29,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    // Spans go to OTEL_EXPORTER_OTLP_ENDPOINT when the controller sets it.
+    let tel = telemetry::init("policy-worker", "info", None);
     let loaded = sana::config::load(&args.config, false)?;
     let setup = policy_worker::WorkerSetup {
         config: loaded.config,
@@ -44,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         device: sana::config::runtime::parse_device(&args.device)?,
         total_steps: args.total_steps,
         output_dir: args.output_dir,
+        trace_root: tel.root.clone(),
     };
     policy_worker::serve(setup, &args.listen).await
 }

@@ -36,6 +36,8 @@ pub struct WorkerSetup {
     /// Prefix of reward request ids (unique per run start, so a resumed run never
     /// reads answers cached for an earlier attempt).
     pub run_id: String,
+    /// Parent of the spans of every call (the process root, under the controller's).
+    pub trace_root: tracing::Span,
 }
 
 struct State {
@@ -193,7 +195,10 @@ impl RolloutService {
         f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let state = self.state.clone();
+        let span =
+            tracing::info_span!(parent: &self.setup.trace_root, "call", activity = %activity);
         tokio::task::spawn_blocking(move || {
+            let _in_call = span.enter();
             let mut s = state
                 .lock()
                 .map_err(|_| Status::internal("a previous call panicked"))?;

@@ -28,13 +28,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    // Spans go to OTEL_EXPORTER_OTLP_ENDPOINT when the controller sets it.
+    let tel = telemetry::init("rollout-worker", "info", None);
     let loaded = sana::config::load(&args.config, false)?;
     let setup = rollout_worker::WorkerSetup {
         config: loaded.config,
@@ -43,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         device: sana::config::runtime::parse_device(&args.device)?,
         gateway: args.gateway,
         run_id: args.run_id,
+        trace_root: tel.root.clone(),
     };
     rollout_worker::serve(setup, &args.listen).await
 }

@@ -11,10 +11,13 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-/// A collector that keeps (service, span name, trace id) of every span.
+/// (service, span name, trace id) of one exported span.
+type SpanSeen = (String, String, Vec<u8>);
+
+/// A collector that keeps every span it receives.
 #[derive(Clone, Default)]
 struct Collector {
-    spans: Arc<Mutex<Vec<(String, String, Vec<u8>)>>>,
+    spans: Arc<Mutex<Vec<SpanSeen>>>,
 }
 
 #[tonic::async_trait]

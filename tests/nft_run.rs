@@ -239,3 +239,79 @@ fn ctrl_c_stops_cleanly_with_a_final_checkpoint() {
         .collect();
     assert_eq!(events.len(), 1, "one TensorBoard event file");
 }
+
+/// A named prompt set that is not on disk is downloaded once into the cache
+/// (here from a local mirror through SANA_RL_DATASET_BASE_URL), then reused.
+#[test]
+fn a_missing_prompt_set_is_downloaded_once_into_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    let file = mirror.join("NVlabs/DiffusionNFT/refs/heads/main/dataset/ocr/train.txt");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let lines: String = (0..12)
+        .map(|i| format!("a sign that says \"{i}\"\n"))
+        .collect();
+    std::fs::write(&file, &lines).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let venv = std::env::var("VIRTUAL_ENV").expect("VIRTUAL_ENV");
+    let mut server = Command::new(std::path::Path::new(&venv).join("bin/python"))
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&mirror)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = demo_config(
+        dir.path(),
+        &dir.path().join("runs"),
+        &[
+            ("dataset.name = \"pickscore\"", "dataset.name = \"ocr\""),
+            ("dataset.local_dir = ", "# dataset.local_dir = "),
+        ],
+    );
+    let run = |base_url: &str| {
+        controller(&cfg)
+            .args(["--max-steps", "1"])
+            .env("SANA_RL_DATA", &cache)
+            .env("SANA_RL_DATASET_BASE_URL", base_url)
+            .output()
+            .unwrap()
+    };
+    let started = Instant::now();
+    let res = loop {
+        // The mirror takes a moment to listen.
+        let res = run(&format!("http://127.0.0.1:{port}"));
+        if res.status.success() || started.elapsed() > Duration::from_secs(20) {
+            break res;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(stderr.contains("downloading http://127.0.0.1"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(cache.join("ocr/train.txt")).unwrap(),
+        lines
+    );
+    // Cached: a second run needs no server.
+    let res = run("http://127.0.0.1:9");
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.success() && !stderr.contains("downloading"),
+        "{stderr}"
+    );
+}

@@ -4,6 +4,7 @@
 //! (prompts → rollouts + rewards → policy step → new "old" adapter → logs,
 //! validation, checkpoints) → final checkpoint and export.
 
+pub mod download;
 pub mod launch;
 pub mod logs;
 pub mod plan;
@@ -381,7 +382,7 @@ fn train_batch(step: u64, t: &Trajectories) -> TrainBatch {
 }
 
 /// Runs a DiffusionNFT or SFT job to its end (or Ctrl-C, or a worker's death).
-pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result<()> {
+pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Result<()> {
     if let Err(e) = &plan.model_dir {
         bail!("{e}");
     }
@@ -392,6 +393,19 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, plan: Plan) -> anyhow::Result
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     std::fs::copy(&opts.config_path, run_dir.join("config.toml")).ok();
     let (prompts, val_prompts) = if plan.kind == RunKind::Nft {
+        plan::ensure_prompts(&cfg, &opts.base_dir, false).await?;
+        if cfg.validation.enable {
+            plan::ensure_prompts(&cfg, &opts.base_dir, true).await?;
+        }
+        if plan.dataset.is_none() {
+            // Downloaded just now: plan again, with the set's size.
+            plan = Plan::new(
+                &cfg,
+                &plan.config_path,
+                &opts.base_dir,
+                plan.devices.clone(),
+            )?;
+        }
         let p = load_prompts(&cfg, &opts.base_dir, false)?;
         let v = if cfg.validation.enable {
             Some(load_prompts(&cfg, &opts.base_dir, true)?)

@@ -74,6 +74,52 @@ pub fn prompt_set_path(c: &RunConfig, base: &Path, validation: bool) -> PathBuf 
     home.join(".cache/sana-rl/datasets").join(&ds.name)
 }
 
+fn split_of(c: &RunConfig, validation: bool) -> String {
+    let ds = if validation {
+        &c.validation.dataset
+    } else {
+        &c.train.train_policy.dataset
+    };
+    match ds.split_name() {
+        s if s.is_empty() => (if validation { "test" } else { "train" }).to_string(),
+        s => s,
+    }
+}
+
+/// Where a missing prompt set would be downloaded from (None: it is on disk, or
+/// `local_dir` names it, or the name has no public copy).
+pub fn pending_download(c: &RunConfig, base: &Path, validation: bool) -> Option<(String, PathBuf)> {
+    let ds = if validation {
+        &c.validation.dataset
+    } else {
+        &c.train.train_policy.dataset
+    };
+    if !ds.local_dir.is_empty() {
+        return None;
+    }
+    let split = split_of(c, validation);
+    let dest =
+        prompt_set_path(c, base, validation).join(crate::download::file_name(&ds.name, &split));
+    if dest.exists() {
+        return None;
+    }
+    crate::download::public_url(&ds.name, &split).map(|u| (u, dest))
+}
+
+/// Fetches a missing public prompt set into the cache (once).
+pub async fn ensure_prompts(c: &RunConfig, base: &Path, validation: bool) -> anyhow::Result<()> {
+    if let Some((url, dest)) = pending_download(c, base, validation) {
+        crate::download::fetch(&url, &dest).await.with_context(|| {
+            format!(
+                "the prompt set is not on this machine and could not be downloaded: put the file at {} \
+                 (or set dataset.local_dir)",
+                dest.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
 pub fn load_prompts(c: &RunConfig, base: &Path, validation: bool) -> anyhow::Result<PromptDataset> {
     let ds = if validation {
         &c.validation.dataset
@@ -159,7 +205,14 @@ impl Plan {
                     total_steps = total_steps.min(steps.max(1));
                     dataset = Some((ds.name.clone(), ds.source.clone(), ds.len()));
                 }
-                Err(e) => warnings.push(e.to_string()),
+                Err(e) => match pending_download(c, base, false) {
+                    Some((url, dest)) => warnings.push(format!(
+                        "prompt set {:?} is not cached yet: the run downloads {url} to {} first",
+                        tp.dataset.name,
+                        dest.display()
+                    )),
+                    None => warnings.push(e.to_string()),
+                },
             }
         }
         if kind == RunKind::Sft {

@@ -308,6 +308,27 @@ async fn guarded<T>(
     }
 }
 
+/// Asks the policy worker for a checkpoint holding `state` (and an export).
+async fn checkpoint(
+    job: &mut Job,
+    state: &ControllerState,
+    export: bool,
+    wait: bool,
+) -> anyhow::Result<CheckpointReply> {
+    let step = state.step;
+    guarded(
+        &job.fleet,
+        &format!("step {step}: checkpoint"),
+        job.policy.checkpoint(CheckpointRequest {
+            step,
+            controller_state_json: serde_json::to_string(state)?,
+            export,
+            wait,
+        }),
+    )
+    .await
+}
+
 /// Pushes the policy's "old" adapter to the rollout worker.
 async fn sync_weights(job: &mut Job) -> anyhow::Result<u64> {
     let mut stream = guarded(
@@ -574,35 +595,17 @@ async fn step_loop(
         let stopping = stop.load(Ordering::SeqCst);
         let periodic = ckpt.enable_checkpoint && step % ckpt.save_freq.max(1) == 0;
         if periodic && step != last && !stopping {
-            guarded(
-                &job.fleet,
-                &format!("step {step}: checkpoint"),
-                job.policy.checkpoint(CheckpointRequest {
-                    step,
-                    controller_state_json: serde_json::to_string(&state)?,
-                    export: ckpt.export_safetensors,
-                    wait: false,
-                }),
-            )
-            .instrument(span.clone())
-            .await?;
+            let export = ckpt.export_safetensors;
+            checkpoint(job, &state, export, false)
+                .instrument(span.clone())
+                .await?;
         }
         if stopping {
             break;
         }
     }
     // The final checkpoint and export (also after Ctrl-C).
-    let reply = guarded(
-        &job.fleet,
-        "final checkpoint",
-        job.policy.checkpoint(CheckpointRequest {
-            step: state.step,
-            controller_state_json: serde_json::to_string(&state)?,
-            export: true,
-            wait: true,
-        }),
-    )
-    .await?;
+    let reply = checkpoint(job, &state, true, true).await?;
     log.finish(&reply)?;
     if stop.load(Ordering::SeqCst) {
         eprintln!(
@@ -696,34 +699,16 @@ async fn sft_loop(
         let stopping = stop.load(Ordering::SeqCst);
         let periodic = ckpt.enable_checkpoint && step % ckpt.save_freq.max(1) == 0;
         if periodic && step != last && !stopping {
-            guarded(
-                &job.fleet,
-                &format!("step {step}: checkpoint"),
-                job.policy.checkpoint(CheckpointRequest {
-                    step,
-                    controller_state_json: serde_json::to_string(&state)?,
-                    export: ckpt.export_safetensors,
-                    wait: false,
-                }),
-            )
-            .instrument(span.clone())
-            .await?;
+            let export = ckpt.export_safetensors;
+            checkpoint(job, &state, export, false)
+                .instrument(span.clone())
+                .await?;
         }
         if stopping {
             break;
         }
     }
-    let reply = guarded(
-        &job.fleet,
-        "final checkpoint",
-        job.policy.checkpoint(CheckpointRequest {
-            step: state.step,
-            controller_state_json: serde_json::to_string(&state)?,
-            export: true,
-            wait: true,
-        }),
-    )
-    .await?;
+    let reply = checkpoint(job, &state, true, true).await?;
     log.finish(&reply)?;
     Ok(())
 }

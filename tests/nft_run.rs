@@ -315,3 +315,56 @@ fn a_missing_prompt_set_is_downloaded_once_into_the_cache() {
         "{stderr}"
     );
 }
+
+/// A worker that is alive but stuck (SIGSTOP) misses its heartbeats: the
+/// controller names it and stops, instead of waiting forever.
+#[test]
+fn a_stuck_worker_misses_heartbeats_and_stops_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs");
+    let cfg = demo_config(dir.path(), &out, &[]);
+    let child = controller(&cfg)
+        .env("SANA_RL_HEARTBEAT_SECS", "0.5")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let run = loop {
+        let run = std::fs::read_dir(&out)
+            .ok()
+            .and_then(|mut rd| rd.next())
+            .map(|e| e.unwrap().path());
+        if let Some(run) = run {
+            if metrics(&run).len() >= 2 {
+                break run;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the run never reached step 2"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pid = pid_of(&run, "rollout-worker-0");
+    Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let stopped = Instant::now();
+    let res = child.wait_with_output().unwrap();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        stderr.contains("rollout-worker-0") && stderr.contains("stopped answering heartbeats"),
+        "{stderr}"
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        stopped.elapsed()
+    );
+}

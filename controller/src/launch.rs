@@ -46,6 +46,8 @@ struct Proc {
 #[derive(Clone, Default)]
 pub struct Fleet {
     procs: Arc<Mutex<Vec<Proc>>>,
+    /// A worker that stopped answering heartbeats (set by the heartbeat task).
+    unresponsive: Arc<Mutex<Option<String>>>,
 }
 
 /// The last `n` lines of a log file.
@@ -81,6 +83,9 @@ impl Fleet {
     /// The first process that exited unexpectedly, as a message naming it, its
     /// exit status and the end of its log.
     pub fn dead(&self) -> Option<String> {
+        if let Some(msg) = self.unresponsive.lock().unwrap().clone() {
+            return Some(msg);
+        }
         let mut procs = self.procs.lock().unwrap();
         for p in procs.iter_mut() {
             if p.stopping {
@@ -98,6 +103,26 @@ impl Fleet {
             }
         }
         None
+    }
+
+    /// Reports `name` as not answering its heartbeats (it may be alive but stuck).
+    pub fn mark_unresponsive(&self, name: &str, why: &str) {
+        let log = self
+            .procs
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| (p.child.id(), p.log.clone()));
+        let msg = match log {
+            Some((pid, log)) => format!(
+                "{name} (pid {pid}) stopped answering heartbeats ({why}); the end of {}:\n{}",
+                log.display(),
+                tail(&log, 15)
+            ),
+            None => format!("{name} stopped answering heartbeats ({why})"),
+        };
+        *self.unresponsive.lock().unwrap() = Some(msg);
     }
 
     /// `[{name, pid, log}]` of every process started, for operators and tests.

@@ -276,6 +276,54 @@ async fn start_rewards(
     Ok(gw_addr)
 }
 
+/// Heartbeats: every `every`, each worker's Health; `misses` failures in a row
+/// (no answer within `every`) report it as unresponsive, which stops the run.
+fn start_heartbeats(job: &Job, every: Duration, misses: u32) {
+    let fleet = job.fleet.clone();
+    let policy = job.policy.clone();
+    let rollout = job.rollout.clone();
+    tokio::spawn(async move {
+        let mut missed = [0u32; 2];
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let mut p = policy.clone();
+            let answers = [
+                (
+                    "policy-worker-0",
+                    Some(tokio::time::timeout(every, p.health(HealthRequest {})).await),
+                ),
+                (
+                    "rollout-worker-0",
+                    match rollout.clone() {
+                        Some(mut r) => {
+                            Some(tokio::time::timeout(every, r.health(HealthRequest {})).await)
+                        }
+                        None => None,
+                    },
+                ),
+            ];
+            for (i, (name, answer)) in answers.into_iter().enumerate() {
+                match answer {
+                    Some(Ok(Ok(_))) | None => missed[i] = 0,
+                    Some(other) => {
+                        missed[i] += 1;
+                        if missed[i] >= misses {
+                            let why = match other {
+                                Err(_) => format!("no answer in {every:?}, {misses} times"),
+                                Ok(Err(s)) => s.message().to_string(),
+                                Ok(Ok(_)) => unreachable!(),
+                            };
+                            fleet.mark_unresponsive(name, &why);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Awaits `fut`, failing at once (naming the process) if a worker dies meanwhile.
 async fn guarded<T>(
     fleet: &Fleet,
@@ -456,6 +504,13 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
     });
 
     let mut job = launch(&opts, &plan, &run_dir, &run_id).await?;
+    // A worker that is alive but stuck (a hung device, SIGSTOP) is caught here.
+    // SANA_RL_HEARTBEAT_SECS: the period (default 5 s); six misses in a row stop the run.
+    let beat = std::env::var("SANA_RL_HEARTBEAT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0f64);
+    start_heartbeats(&job, Duration::from_secs_f64(beat), 6);
     let result = match &prompts {
         Some(p) => {
             let vp = val_prompts.as_ref();

@@ -368,3 +368,41 @@ fn a_stuck_worker_misses_heartbeats_and_stops_the_run() {
         stopped.elapsed()
     );
 }
+
+/// Validation every `freq` steps samples the validation prompts with the EMA
+/// weights and logs their reward; training goes on with the "old" adapter.
+#[test]
+fn validation_runs_every_freq_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs");
+    let prompts = repo_root().join("configs/demo/prompts/train.txt");
+    let val = format!(
+        "[validation]\nenable = true\nfreq = 2\nn_generation = 2\nbatch_size = 3\n\
+         dataset.name = \"pickscore\"\ndataset.local_dir = {prompts:?}\n"
+    );
+    let cfg = demo_config(
+        dir.path(),
+        &out,
+        &[
+            ("[validation]\nenable = false\n", &val),
+            ("max_num_steps = 20", "max_num_steps = 4"),
+        ],
+    );
+    let res = controller(&cfg).output().unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let run = only_run_dir(&out);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("validation/reward_mean").is_some())
+        .collect();
+    let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![2, 4]);
+    assert_eq!(rows[0]["validation/samples"], 6);
+    assert_eq!(metrics(&run).len(), 4);
+}

@@ -379,11 +379,17 @@ async fn checkpoint(
 
 /// Pushes the policy's "old" adapter to the rollout worker.
 async fn sync_weights(job: &mut Job) -> anyhow::Result<u64> {
+    push_weights(job, "old").await
+}
+
+/// Pushes weights `which` ("old", or "ema" for validation) into the rollout
+/// worker's sampling adapter; returns their version.
+async fn push_weights(job: &mut Job, which: &str) -> anyhow::Result<u64> {
     let mut stream = guarded(
         &job.fleet,
         "fetching the rollout adapter",
         job.policy.get_weights(WeightsRequest {
-            which: "old".into(),
+            which: which.into(),
         }),
     )
     .await?;
@@ -627,6 +633,8 @@ async fn step_loop(
                 .min(vp.len())
                 .max(1);
             let items: Vec<_> = (0..n).map(|i| (i, vp.items[i].clone())).collect();
+            // Cosmos-RL validates with the EMA weights; the "old" adapter comes back after.
+            let ema_version = push_weights(job, "ema").instrument(span.clone()).await?;
             let vt = guarded(
                 &job.fleet,
                 &format!("step {step}: validation"),
@@ -636,7 +644,7 @@ async fn step_loop(
                     .generate(prompt_batch(
                         step,
                         seed ^ 0x5eed,
-                        version,
+                        ema_version,
                         &items,
                         cfg.validation.n_generation.max(1),
                         true,
@@ -645,6 +653,7 @@ async fn step_loop(
             )
             .instrument(span.clone())
             .await?;
+            version = sync_weights(job).instrument(span.clone()).await?;
             log.validation(step, &vt)?;
         }
         let stopping = stop.load(Ordering::SeqCst);

@@ -31,6 +31,12 @@ use tch::{Device, Kind};
 use tensor_wire::{take, to_wire};
 use tonic::{Request, Response, Status};
 
+/// `WeightsRequest.which` for the EMA of the trained adapter (validation).
+pub const EMA_WEIGHTS: &str = "ema";
+/// Marks a weight version as EMA weights, so a rollout with the training
+/// adapter's version is refused while they are loaded.
+pub const EMA_VERSION_BIT: u64 = 1 << 63;
+
 /// How the controller started this worker.
 #[derive(Debug, Clone)]
 pub struct WorkerSetup {
@@ -362,9 +368,10 @@ impl PolicyWorker for PolicyService {
         req: Request<WeightsRequest>,
     ) -> Result<Response<Self::GetWeightsStream>, Status> {
         let which = req.into_inner().which;
-        if which != OLD_ADAPTER {
+        if which != OLD_ADAPTER && which != EMA_WEIGHTS {
             return Err(Status::invalid_argument(format!(
-                "weights {which:?}: this worker serves \"{OLD_ADAPTER}\" (the rollout adapter)"
+                "weights {which:?}: this worker serves \"{OLD_ADAPTER}\" (the rollout adapter) \
+                 and \"{EMA_WEIGHTS}\" (the trained adapter's EMA, for validation)"
             )));
         }
         let chunk = self
@@ -374,16 +381,32 @@ impl PolicyWorker for PolicyService {
                         "an SFT worker has no rollout adapter",
                     ));
                 };
-                let tensors = model
-                    .lora
-                    .state_dict(OLD_ADAPTER)
-                    .map_err(internal)?
+                // The EMA weights (the trained ones when EMA is off), as Cosmos-RL
+                // validates with; copied out while they are swapped in.
+                let named = if which == EMA_WEIGHTS {
+                    trainer.params.with_ema_weights(|| {
+                        model.lora.state_dict(TRAINED_ADAPTER).map(|v| {
+                            v.into_iter()
+                                .map(|(n, t)| (n, t.copy()))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                } else {
+                    model.lora.state_dict(OLD_ADAPTER)
+                }
+                .map_err(internal)?;
+                let tensors = named
                     .iter()
                     .map(|(n, t)| to_wire(n, t))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(internal)?;
+                let version = if which == EMA_WEIGHTS {
+                    trainer.step | EMA_VERSION_BIT
+                } else {
+                    trainer.step
+                };
                 Ok(WeightChunk {
-                    version: trainer.step,
+                    version,
                     chunk: 0,
                     num_chunks: 1,
                     tensors,

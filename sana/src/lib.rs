@@ -12,6 +12,7 @@ pub mod error;
 pub mod lora;
 pub mod models;
 pub mod pipelines;
+pub mod safetensors_io;
 pub mod schedulers;
 pub mod training;
 

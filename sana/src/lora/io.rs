@@ -10,12 +10,11 @@
 //!   (`get_peft_kwargs`).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::SafeTensors;
 use serde_json::{Map, Value};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::config::{InitLoraWeights, LayerIndexes, StringOrList};
 use super::{LoraAdapters, LoraConfig, PatternMap, TargetModules, PEFT_VERSION};
@@ -272,84 +271,16 @@ fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
     std::fs::rename(&tmp, path).map_err(|e| SanaError::io(path, e))
 }
 
-struct Bytes {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &Bytes {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        (&self.data[..]).into()
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// A safetensors file with a metadata header (tch's writer has none).
+/// A safetensors file with a metadata header, written atomically with sorted
+/// keys (see [`crate::safetensors_io`]).
 pub fn write_safetensors_with_metadata(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
-    let weights_err = |msg: String| SanaError::Weights {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let mut owned = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.detach().to_device(Device::Cpu).contiguous();
-        let dtype = Dtype::try_from(t.kind()).map_err(|e| weights_err(format!("`{name}`: {e}")))?;
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), Bytes { dtype, shape, data }));
-    }
-    // Our own header writer: the safetensors crate serialises the metadata from a
-    // HashMap, so its key order (and the file's bytes) would change run to run.
-    let mut header = serde_json::Map::new();
-    let meta: serde_json::Map<String, Value> = metadata
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    header.insert("__metadata__".into(), Value::Object(meta));
-    let mut offset = 0usize;
-    for (name, b) in &owned {
-        let dtype =
-            serde_json::to_value(b.dtype).map_err(|e| weights_err(format!("`{name}`: {e}")))?;
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": dtype,
-                "shape": b.shape,
-                "data_offsets": [offset, offset + b.data.len()],
-            }),
-        );
-        offset += b.data.len();
-    }
-    let mut head = serde_json::to_vec(&Value::Object(header)).expect("json");
-    // Pad the header to 8 bytes, as the safetensors crate does.
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
-    }
+    let host = crate::safetensors_io::to_host(tensors)?;
     write_atomic(path, |tmp| {
-        let mut f = std::fs::File::create(tmp).map_err(|e| SanaError::io(tmp, e))?;
-        let io = |e: std::io::Error| SanaError::io(tmp, e);
-        f.write_all(&(head.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        f.write_all(&head).map_err(io)?;
-        for (_, b) in &owned {
-            f.write_all(&b.data).map_err(io)?;
-        }
-        f.sync_all().map_err(io)
+        crate::safetensors_io::write(tmp, &host, metadata)
     })
 }
 

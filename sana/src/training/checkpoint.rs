@@ -18,10 +18,11 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::SafeTensors;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
+use crate::safetensors_io::{self, to_host, HostTensor};
 use crate::{Result, SanaError};
 
 pub const STATE_FILE: &str = "state.safetensors";
@@ -66,49 +67,6 @@ fn ckpt_err(path: &Path, msg: impl Into<String>) -> SanaError {
         path: path.to_path_buf(),
         msg: msg.into(),
     }
-}
-
-/// Host-side bytes of one tensor, ready for the writer thread.
-struct HostTensor {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &HostTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        (&self.data[..]).into()
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn to_host(tensors: &[(String, Tensor)]) -> Result<Vec<HostTensor>> {
-    tensors
-        .iter()
-        .map(|(name, t)| {
-            let t = t.detach().to_device(Device::Cpu).contiguous();
-            let dtype = Dtype::try_from(t.kind())
-                .map_err(|e| SanaError::input(name.clone(), format!("cannot save: {e}")))?;
-            let numel = t.numel();
-            let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-            t.f_copy_data_u8(&mut data, numel)?;
-            Ok(HostTensor {
-                name: name.clone(),
-                dtype,
-                shape: t.size().iter().map(|&d| d as usize).collect(),
-                data,
-            })
-        })
-        .collect()
 }
 
 fn crc_of_file(path: &Path) -> Result<(u64, u32)> {
@@ -159,13 +117,8 @@ fn write_checkpoint(
     std::fs::create_dir_all(&tmp).map_err(|e| SanaError::io(&tmp, e))?;
 
     let state_path = tmp.join(STATE_FILE);
-    let views: Vec<(&str, &HostTensor)> = host.iter().map(|t| (t.name.as_str(), t)).collect();
     let info = HashMap::from([("format".to_string(), "sana-rl-training-state".to_string())]);
-    safetensors::tensor::serialize_to_file(views, &Some(info), &state_path)
-        .map_err(|e| ckpt_err(&state_path, format!("cannot write: {e:?}")))?;
-    File::open(&state_path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| SanaError::io(&state_path, e))?;
+    safetensors_io::write(&state_path, host, &info)?;
 
     let trainer = TrainerFile {
         format: FORMAT_VERSION,
@@ -478,7 +431,7 @@ pub fn take_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     fn state(step: u64) -> TrainingState {
         TrainingState {

@@ -137,3 +137,37 @@ pub fn only_run_dir(output_dir: &Path) -> PathBuf {
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs.pop().unwrap()
 }
+
+/// Waits until the single run under `output_dir` has logged `steps` training
+/// steps; returns its directory.
+pub fn wait_for_steps(output_dir: &Path, steps: usize) -> PathBuf {
+    let started = std::time::Instant::now();
+    loop {
+        let run = std::fs::read_dir(output_dir)
+            .ok()
+            .and_then(|mut rd| rd.next())
+            .map(|e| e.unwrap().path());
+        if let Some(run) = run {
+            if metrics(&run).len() >= steps {
+                return run;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(300),
+            "the run never reached step {steps}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The pid of a process of a run (from its `workers.json`).
+pub fn pid_of(run: &Path, name: &str) -> u32 {
+    let w: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("workers.json")).unwrap()).unwrap();
+    w.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["pid"].as_u64())
+        .unwrap() as u32
+}

@@ -63,17 +63,6 @@ fn twenty_nft_steps_raise_the_reward() {
     assert!(run.join("checkpoints/step_20/manifest.json").exists());
 }
 
-fn pid_of(run: &std::path::Path, name: &str) -> u32 {
-    let w: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("workers.json")).unwrap()).unwrap();
-    w.as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .and_then(|p| p["pid"].as_u64())
-        .unwrap() as u32
-}
-
 /// A policy worker killed mid-run: the controller names it and exits non-zero;
 /// `train.resume = true` continues from the last checkpoint and ends with the
 /// same adapter, byte for byte, as an uninterrupted run.
@@ -104,23 +93,7 @@ fn a_killed_policy_worker_is_reported_and_resume_matches_an_uninterrupted_run() 
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let b_run = loop {
-        let run = std::fs::read_dir(&b_out)
-            .ok()
-            .and_then(|mut rd| rd.next())
-            .map(|e| e.unwrap().path());
-        if let Some(run) = run {
-            if metrics(&run).len() >= 5 {
-                break run;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "the run never reached step 5"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let b_run = wait_for_steps(&b_out, 5);
     let pid = pid_of(&b_run, "policy-worker-0");
     Command::new("kill")
         .args(["-KILL", &pid.to_string()])
@@ -182,23 +155,7 @@ fn ctrl_c_stops_cleanly_with_a_final_checkpoint() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let run = loop {
-        let run = std::fs::read_dir(&out)
-            .ok()
-            .and_then(|mut rd| rd.next())
-            .map(|e| e.unwrap().path());
-        if let Some(run) = run {
-            if metrics(&run).len() >= 3 {
-                break run;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "the run never reached step 3"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let run = wait_for_steps(&out, 3);
     let worker_pids: Vec<u32> = [
         "policy-worker-0",
         "rollout-worker-0",
@@ -328,23 +285,7 @@ fn a_stuck_worker_misses_heartbeats_and_stops_the_run() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let run = loop {
-        let run = std::fs::read_dir(&out)
-            .ok()
-            .and_then(|mut rd| rd.next())
-            .map(|e| e.unwrap().path());
-        if let Some(run) = run {
-            if metrics(&run).len() >= 2 {
-                break run;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "the run never reached step 2"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let run = wait_for_steps(&out, 2);
     let pid = pid_of(&run, "rollout-worker-0");
     Command::new("kill")
         .args(["-STOP", &pid.to_string()])

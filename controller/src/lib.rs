@@ -56,7 +56,12 @@ pub struct ControllerState {
 /// `<output_dir>/<timestamp>` as Cosmos-RL names runs, or with `train.resume`
 /// the newest earlier run of that output_dir that holds checkpoints.
 pub fn run_dir(c: &RunConfig, base: &Path) -> PathBuf {
-    let out = base.join(&c.train.output_dir);
+    // `./outputs/x` → `<base>/outputs/x` (no `/./` in the paths we print).
+    let rel: PathBuf = Path::new(&c.train.output_dir)
+        .components()
+        .filter(|p| !matches!(p, std::path::Component::CurDir))
+        .collect();
+    let out = base.join(rel);
     match &c.train.resume {
         BoolOrString::Str(p) => {
             let p = base.join(p);

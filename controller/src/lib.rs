@@ -131,8 +131,8 @@ fn trace_env(cmd: &mut Command, opts: &RunOptions) {
 struct Job {
     fleet: Fleet,
     policy: PolicyWorkerClient<Channel>,
-    /// DiffusionNFT only (SFT has no rollouts).
-    rollout: Option<RolloutWorkerClient<Channel>>,
+    /// DiffusionNFT only (SFT has no rollouts): `(name, client)` per rollout worker.
+    rollouts: Vec<(String, RolloutWorkerClient<Channel>)>,
 }
 
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
@@ -194,36 +194,50 @@ async fn launch(
     trace_env(&mut cmd, opts);
     fleet.spawn("policy-worker-0", cmd, &logs)?;
 
-    let rollout = if plan.kind == RunKind::Nft {
+    let mut rollouts = Vec::new();
+    if plan.kind == RunKind::Nft {
         let gw_addr = start_rewards(&fleet, opts, plan, &logs).await?;
-        let r_addr = format!("127.0.0.1:{}", free_port()?);
-        let mut cmd = Command::new(bin("rollout-worker")?);
-        cmd.arg("--config")
-            .arg(&opts.config_path)
-            .args(["--listen", &r_addr, "--rank", "0", "--device", &device])
-            .args([
-                "--gateway",
-                &format!("http://{gw_addr}"),
-                "--run-id",
-                run_id,
-            ])
-            .current_dir(&opts.base_dir);
-        trace_env(&mut cmd, opts);
-        fleet.spawn("rollout-worker-0", cmd, &logs)?;
-        wait_for_port(&fleet, "rollout-worker-0", &r_addr, load).await?;
-        let rollout = RolloutWorkerClient::new(channel(&r_addr).await?)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        let h = wait_healthy(&fleet, "rollout-worker-0", load, || {
-            let mut r = rollout.clone();
-            async move { r.health(HealthRequest {}).await }
-        })
-        .await?;
-        tracing::info!(pid = h.pid, device = %h.device, "rollout worker ready");
-        Some(rollout)
-    } else {
-        None
-    };
+        let mut addrs = Vec::new();
+        for rank in 0..plan.rollout_workers {
+            let name = format!("rollout-worker-{rank}");
+            let r_addr = format!("127.0.0.1:{}", free_port()?);
+            let dev = &plan.devices[rank % plan.devices.len()];
+            let mut cmd = Command::new(bin("rollout-worker")?);
+            cmd.arg("--config")
+                .arg(&opts.config_path)
+                .args([
+                    "--listen",
+                    &r_addr,
+                    "--rank",
+                    &rank.to_string(),
+                    "--device",
+                    dev,
+                ])
+                .args([
+                    "--gateway",
+                    &format!("http://{gw_addr}"),
+                    "--run-id",
+                    run_id,
+                ])
+                .current_dir(&opts.base_dir);
+            trace_env(&mut cmd, opts);
+            fleet.spawn(&name, cmd, &logs)?;
+            addrs.push((name, r_addr));
+        }
+        for (name, r_addr) in addrs {
+            wait_for_port(&fleet, &name, &r_addr, load).await?;
+            let rollout = RolloutWorkerClient::new(channel(&r_addr).await?)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
+            let h = wait_healthy(&fleet, &name, load, || {
+                let mut r = rollout.clone();
+                async move { r.health(HealthRequest {}).await }
+            })
+            .await?;
+            tracing::info!(name, pid = h.pid, device = %h.device, "rollout worker ready");
+            rollouts.push((name, rollout));
+        }
+    }
 
     wait_for_port(&fleet, "policy-worker-0", &p_addr, load).await?;
     let policy = PolicyWorkerClient::new(channel(&p_addr).await?)
@@ -242,7 +256,7 @@ async fn launch(
     Ok(Job {
         fleet,
         policy,
-        rollout,
+        rollouts,
     })
 }
 
@@ -286,43 +300,34 @@ async fn start_rewards(
 fn start_heartbeats(job: &Job, every: Duration, misses: u32) {
     let fleet = job.fleet.clone();
     let policy = job.policy.clone();
-    let rollout = job.rollout.clone();
+    let rollouts = job.rollouts.clone();
     tokio::spawn(async move {
-        let mut missed = [0u32; 2];
+        let mut missed = vec![0u32; 1 + rollouts.len()];
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
+            let mut answers = Vec::with_capacity(missed.len());
             let mut p = policy.clone();
-            let answers = [
-                (
-                    "policy-worker-0",
-                    Some(tokio::time::timeout(every, p.health(HealthRequest {})).await),
-                ),
-                (
-                    "rollout-worker-0",
-                    match rollout.clone() {
-                        Some(mut r) => {
-                            Some(tokio::time::timeout(every, r.health(HealthRequest {})).await)
-                        }
-                        None => None,
-                    },
-                ),
-            ];
+            let a = tokio::time::timeout(every, p.health(HealthRequest {})).await;
+            answers.push(("policy-worker-0".to_string(), a.map(|r| r.map(|_| ()))));
+            for (name, r) in &rollouts {
+                let mut r = r.clone();
+                let a = tokio::time::timeout(every, r.health(HealthRequest {})).await;
+                answers.push((name.clone(), a.map(|r| r.map(|_| ()))));
+            }
             for (i, (name, answer)) in answers.into_iter().enumerate() {
-                match answer {
-                    Some(Ok(Ok(_))) | None => missed[i] = 0,
-                    Some(other) => {
-                        missed[i] += 1;
-                        if missed[i] >= misses {
-                            let why = match other {
-                                Err(_) => format!("no answer in {every:?}, {misses} times"),
-                                Ok(Err(s)) => s.message().to_string(),
-                                Ok(Ok(_)) => unreachable!(),
-                            };
-                            fleet.mark_unresponsive(name, &why);
-                            return;
-                        }
+                let why = match answer {
+                    Ok(Ok(())) => {
+                        missed[i] = 0;
+                        continue;
                     }
+                    Err(_) => format!("no answer in {every:?}, {misses} times"),
+                    Ok(Err(s)) => s.message().to_string(),
+                };
+                missed[i] += 1;
+                if missed[i] >= misses {
+                    fleet.mark_unresponsive(&name, &why);
+                    return;
                 }
             }
         }
@@ -406,15 +411,17 @@ async fn push_weights(job: &mut Job, which: &str) -> anyhow::Result<u64> {
         .last()
         .map(|c| c.version)
         .context("the policy sent no weights")?;
-    guarded(
-        &job.fleet,
-        "loading the rollout adapter",
-        job.rollout
-            .as_mut()
-            .context("no rollout worker")?
-            .load_weights(futures::stream::iter(chunks)),
-    )
-    .await?;
+    // Every rollout worker gets the same version before the next rollout.
+    let loads = job.rollouts.iter().map(|(name, r)| {
+        let mut r = r.clone();
+        let chunks = chunks.clone();
+        let fleet = job.fleet.clone();
+        async move {
+            let what = format!("loading the rollout adapter into {name}");
+            guarded(&fleet, &what, r.load_weights(futures::stream::iter(chunks))).await
+        }
+    });
+    futures::future::try_join_all(loads).await?;
     Ok(version)
 }
 
@@ -447,6 +454,98 @@ fn prompt_batch(
         validation,
         return_images: images,
     }
+}
+
+/// Spreads a prompt batch over the rollout workers (whole prompts, so each
+/// group of generations stays on one worker and its advantages are the same),
+/// and joins their trajectories back in prompt order. Sample noise depends only
+/// on (seed, step, prompt, generation), not on the split. A worker much slower
+/// than the others is named in the log.
+async fn rollout_all(job: &Job, batch: PromptBatch, what: &str) -> anyhow::Result<Trajectories> {
+    let k = job.rollouts.len().min(batch.prompts.len()).max(1);
+    if job.rollouts.is_empty() {
+        bail!("{what}: no rollout worker");
+    }
+    let per = batch.prompts.len().div_ceil(k);
+    let calls = batch
+        .prompts
+        .chunks(per)
+        .zip(&job.rollouts)
+        .map(|(chunk, (name, r))| {
+            let mut r = r.clone();
+            let fleet = job.fleet.clone();
+            let part = PromptBatch {
+                prompts: chunk.to_vec(),
+                ..batch.clone()
+            };
+            let what = format!("{what} on {name}");
+            async move { guarded(&fleet, &what, r.generate(part)).await }
+        });
+    let parts = futures::future::try_join_all(calls).await?;
+    if parts.len() > 1 {
+        let secs: Vec<f64> = parts.iter().map(|p| p.sample_seconds).collect();
+        let (lo, hi) = secs
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        if hi > 1.5 * lo {
+            let slowest = secs.iter().position(|&x| x == hi).unwrap_or(0);
+            tracing::warn!(
+                worker = %job.rollouts[slowest].0,
+                seconds = hi,
+                fastest = lo,
+                "{what}: a straggling rollout worker"
+            );
+        }
+    }
+    Ok(merge_trajectories(parts, batch.return_images as i64))
+}
+
+/// Concatenates trajectories along the sample dimension (C-order bytes, so
+/// concatenating the data of equal-shaped rows is concatenating the tensors).
+fn merge_trajectories(mut parts: Vec<Trajectories>, max_images: i64) -> Trajectories {
+    if parts.len() == 1 {
+        return parts.pop().expect("one part");
+    }
+    let n: usize = parts.iter().map(|p| p.scores.len()).sum();
+    let mut out = Trajectories {
+        step: parts[0].step,
+        weight_version: parts[0].weight_version,
+        sample_seconds: parts.iter().map(|p| p.sample_seconds).fold(0.0, f64::max),
+        reward_seconds: parts.iter().map(|p| p.reward_seconds).fold(0.0, f64::max),
+        ..Default::default()
+    };
+    for p in &parts {
+        let w = p.scores.len() as f64 / n.max(1) as f64;
+        for (key, v) in &p.raw_score_means {
+            *out.raw_score_means.entry(key.clone()).or_default() += v * w;
+        }
+    }
+    let cat = |list: Vec<&TensorData>| {
+        let mut t = list[0].clone();
+        for x in &list[1..] {
+            t.shape[0] += x.shape[0];
+            t.data.extend_from_slice(&x.data);
+        }
+        t
+    };
+    for (i, first) in parts[0].tensors.iter().enumerate() {
+        let same: Vec<&TensorData> = parts.iter().filter_map(|p| p.tensors.get(i)).collect();
+        debug_assert!(same.iter().all(|t| t.name == first.name));
+        out.tensors.push(cat(same));
+    }
+    let images: Vec<&TensorData> = parts.iter().filter_map(|p| p.images.as_ref()).collect();
+    if !images.is_empty() {
+        let mut all = cat(images);
+        let rows = all.shape[0].min(max_images);
+        let row_bytes = all.data.len() / all.shape[0].max(1) as usize;
+        all.data.truncate(rows as usize * row_bytes);
+        all.shape[0] = rows;
+        out.images = Some(all);
+    }
+    for p in parts {
+        out.scores.extend(p.scores);
+    }
+    out
 }
 
 fn train_batch(step: u64, t: &Trajectories) -> TrainBatch {
@@ -536,7 +635,8 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
             )
         });
     // Shut down in order: workers (they finish their checkpoint writes), then the reward side.
-    for name in ["policy-worker-0", "rollout-worker-0"] {
+    job.fleet.expect_exit("policy-worker-0");
+    for (name, _) in &job.rollouts {
         job.fleet.expect_exit(name);
     }
     let reason = if result.is_ok() {
@@ -551,7 +651,7 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
         }),
     )
     .await;
-    if let Some(r) = job.rollout.as_mut() {
+    for (_, r) in job.rollouts.iter_mut() {
         let bye = r.shutdown(ShutdownRequest {
             reason: reason.into(),
         });
@@ -597,16 +697,10 @@ async fn step_loop(
             plan.prompts_per_step,
         );
         let images = if log.wants_images(step) { 15 } else { 0 };
-        let traj = guarded(
-            &job.fleet,
-            &format!("step {step}: rollout"),
-            job.rollout
-                .as_mut()
-                .context("no rollout worker")?
-                .generate(prompt_batch(step, seed, version, &items, g, false, images)),
-        )
-        .instrument(span.clone())
-        .await?;
+        let batch = prompt_batch(step, seed, version, &items, g, false, images);
+        let traj = rollout_all(job, batch, &format!("step {step}: rollout"))
+            .instrument(span.clone())
+            .await?;
         let train_started = Instant::now();
         let result = guarded(
             &job.fleet,
@@ -640,24 +734,11 @@ async fn step_loop(
             let items: Vec<_> = (0..n).map(|i| (i, vp.items[i].clone())).collect();
             // Cosmos-RL validates with the EMA weights; the "old" adapter comes back after.
             let ema_version = push_weights(job, "ema").instrument(span.clone()).await?;
-            let vt = guarded(
-                &job.fleet,
-                &format!("step {step}: validation"),
-                job.rollout
-                    .as_mut()
-                    .context("no rollout worker")?
-                    .generate(prompt_batch(
-                        step,
-                        seed ^ 0x5eed,
-                        ema_version,
-                        &items,
-                        cfg.validation.n_generation.max(1),
-                        true,
-                        0,
-                    )),
-            )
-            .instrument(span.clone())
-            .await?;
+            let vg = cfg.validation.n_generation.max(1);
+            let batch = prompt_batch(step, seed ^ 0x5eed, ema_version, &items, vg, true, 0);
+            let vt = rollout_all(job, batch, &format!("step {step}: validation"))
+                .instrument(span.clone())
+                .await?;
             version = sync_weights(job).instrument(span.clone()).await?;
             log.validation(step, &vt)?;
         }

@@ -173,7 +173,12 @@ impl Plan {
             );
         }
         let policy_workers = 1;
-        let rollout_workers = usize::from(kind == RunKind::Nft);
+        // `[rollout.parallelism] n_init_replicas` rollout workers, spread over the devices.
+        let rollout_workers = if kind == RunKind::Nft {
+            c.rollout.parallelism.n_init_replicas.max(1) as usize
+        } else {
+            0
+        };
         let g = c.rollout.n_generation.max(1);
         let replicas = c.policy.parallelism.n_init_replicas.max(1) as usize;
         let samples_per_step = c.train.train_batch_per_replica * replicas;

@@ -6,13 +6,13 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
 use futures::Stream;
 use proto::runtime::v1::policy_worker_server::{PolicyWorker, PolicyWorkerServer};
 use proto::runtime::v1::*;
+use proto::worker::{stop_on_signals, WorkerState};
 use sana::config::runtime::{
     kind_of, lora_config, nft_trainer_config, resolve_model_dir, sft_trainer_config,
 };
@@ -73,8 +73,6 @@ enum Job {
 struct State {
     job: Job,
     ckpt: CheckpointManager,
-    /// What the worker is doing, for health replies.
-    activity: String,
 }
 
 impl State {
@@ -89,7 +87,7 @@ impl State {
 /// The gRPC service.
 pub struct PolicyService {
     setup: WorkerSetup,
-    state: Arc<Mutex<State>>,
+    state: WorkerState<State>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -190,11 +188,7 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
         c.train.ckpt.max_keep as usize
     };
     let ckpt = CheckpointManager::new(setup.output_dir.join("checkpoints"), mode, keep);
-    Ok(State {
-        job,
-        ckpt,
-        activity: "idle".into(),
-    })
+    Ok(State { job, ckpt })
 }
 
 impl PolicyService {
@@ -209,7 +203,7 @@ impl PolicyService {
         );
         Ok(Self {
             setup,
-            state: Arc::new(Mutex::new(state)),
+            state: WorkerState::new(state),
             stop,
         })
     }
@@ -220,21 +214,9 @@ impl PolicyService {
         activity: String,
         f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let state = self.state.clone();
         let span =
             tracing::info_span!(parent: &self.setup.trace_root, "call", activity = %activity);
-        tokio::task::spawn_blocking(move || {
-            let _in_call = span.enter();
-            let mut s = state
-                .lock()
-                .map_err(|_| Status::internal("a previous call panicked"))?;
-            s.activity = activity;
-            let out = f(&mut s);
-            s.activity = "idle".into();
-            out
-        })
-        .await
-        .map_err(internal)?
+        self.state.call(span, activity, f).await
     }
 }
 
@@ -244,10 +226,10 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send
 impl PolicyWorker for PolicyService {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
         // try_lock: a busy worker is healthy; say what it is doing.
-        let (version, state) = match self.state.try_lock() {
-            Ok(s) => (s.step(), s.activity.clone()),
-            Err(_) => (0, "busy".into()),
-        };
+        let (version, state) = self
+            .state
+            .peek(|s, activity| (s.step(), activity.to_string()))
+            .unwrap_or((0, "busy".into()));
         Ok(Response::new(HealthReply {
             role: "policy".into(),
             rank: self.setup.rank,
@@ -524,10 +506,7 @@ pub async fn serve(setup: WorkerSetup, listen: &str) -> anyhow::Result<()> {
     let stop2 = stop_tx.clone();
     let service = tokio::task::spawn_blocking(move || PolicyService::new(setup, stop2)).await??;
     tracing::info!(%addr, "policy worker serving");
-    tokio::spawn(async move {
-        let _ = shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    stop_on_signals(stop_tx);
     tonic::transport::Server::builder()
         .add_service(
             PolicyWorkerServer::new(service)
@@ -542,13 +521,4 @@ pub async fn serve(setup: WorkerSetup, listen: &str) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
-}
-
-async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-    }
 }

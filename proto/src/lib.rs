@@ -12,6 +12,8 @@ pub mod reward {
     }
 }
 
+pub mod worker;
+
 /// Controller ↔ worker services (`sana_rl.runtime.v1`).
 pub mod runtime {
     pub mod v1 {

@@ -5,7 +5,6 @@
 //! rewards and group advantages.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -13,6 +12,7 @@ use futures::StreamExt;
 use proto::reward::v1::ScoreRequest;
 use proto::runtime::v1::rollout_worker_server::{RolloutWorker, RolloutWorkerServer};
 use proto::runtime::v1::*;
+use proto::worker::{stop_on_signals, WorkerState};
 use reward_gateway::client::{image_request, GatewayClient};
 use sana::config::runtime::{kind_of, lora_config, resolve_model_dir};
 use sana::config::RunConfig;
@@ -44,12 +44,11 @@ struct State {
     pipeline: SanaPipeline,
     /// The "old" adapter version loaded (none before the first push).
     version: Option<u64>,
-    activity: String,
 }
 
 pub struct RolloutService {
     setup: WorkerSetup,
-    state: Arc<Mutex<State>>,
+    state: WorkerState<State>,
     gateway: GatewayClient,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -89,7 +88,6 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
     Ok(State {
         pipeline,
         version: None,
-        activity: "idle".into(),
     })
 }
 
@@ -194,21 +192,9 @@ impl RolloutService {
         activity: String,
         f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let state = self.state.clone();
         let span =
             tracing::info_span!(parent: &self.setup.trace_root, "call", activity = %activity);
-        tokio::task::spawn_blocking(move || {
-            let _in_call = span.enter();
-            let mut s = state
-                .lock()
-                .map_err(|_| Status::internal("a previous call panicked"))?;
-            s.activity = activity;
-            let out = f(&mut s);
-            s.activity = "idle".into();
-            out
-        })
-        .await
-        .map_err(internal)?
+        self.state.call(span, activity, f).await
     }
 
     /// Score requests: one for the batch, or one per prompt when prompts carry
@@ -268,10 +254,10 @@ impl RolloutService {
 #[tonic::async_trait]
 impl RolloutWorker for RolloutService {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
-        let (version, state) = match self.state.try_lock() {
-            Ok(s) => (s.version.unwrap_or(0), s.activity.clone()),
-            Err(_) => (0, "busy".into()),
-        };
+        let (version, state) = self
+            .state
+            .peek(|s, activity| (s.version.unwrap_or(0), activity.to_string()))
+            .unwrap_or((0, "busy".into()));
         Ok(Response::new(HealthReply {
             role: "rollout".into(),
             rank: self.setup.rank,
@@ -458,21 +444,12 @@ pub async fn serve(setup: WorkerSetup, listen: &str) -> anyhow::Result<()> {
     let state = tokio::task::spawn_blocking(move || build_state(&s2)).await??;
     let service = RolloutService {
         setup,
-        state: Arc::new(Mutex::new(state)),
+        state: WorkerState::new(state),
         gateway,
         stop: stop_tx.clone(),
     };
     tracing::info!(%addr, "rollout worker serving");
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        }
-        let _ = stop_tx.send(true);
-    });
+    stop_on_signals(stop_tx.clone());
     tonic::transport::Server::builder()
         .add_service(
             RolloutWorkerServer::new(service)

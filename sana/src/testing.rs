@@ -116,3 +116,28 @@ pub fn python() -> Option<std::path::PathBuf> {
         }
     }
 }
+
+/// Runs `scripts/parity/<script>` with the venv's python and `args`, echoing its
+/// stdout; panics with `what`, stdout and stderr when it fails. `false` when the
+/// check is skipped (no venv and parity not required).
+pub fn run_parity_check(script: &str, args: &[&std::ffi::OsStr], what: &str) -> bool {
+    let Some(py) = python() else {
+        return false;
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/parity")
+        .join(script);
+    let res = std::process::Command::new(py)
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    eprintln!("{script}:\n{stdout}");
+    assert!(
+        res.status.success(),
+        "{what}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    true
+}

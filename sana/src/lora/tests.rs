@@ -11,7 +11,7 @@ use super::io::{read_safetensors_with_metadata, write_safetensors_with_metadata}
 use super::*;
 use crate::models::transformers::sana_transformer::TransformerInputs;
 use crate::models::{SanaTransformer2DModel, SanaTransformerConfig};
-use crate::testing::{load_named, max_abs_diff, parity_case, python};
+use crate::testing::{load_named, max_abs_diff, parity_case, run_parity_check};
 
 const TOL: f64 = 1e-4;
 
@@ -298,24 +298,11 @@ fn check_export(name: &str) {
         assert_eq!(err, 0.0, "{}: re-imported export differs", file.display());
     }
 
-    let Some(py) = python() else { return };
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../scripts/parity/check_lora_export.py"
-    );
-    let res = std::process::Command::new(py)
-        .arg(script)
-        .arg(&case.dir)
-        .arg(out.path())
-        .arg(TOL.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&res.stdout);
-    eprintln!("{name}: check_lora_export.py:\n{stdout}");
-    assert!(
-        res.status.success(),
-        "PEFT/diffusers rejected our export:\n{stdout}\n{}",
-        String::from_utf8_lossy(&res.stderr)
+    let tol = TOL.to_string();
+    run_parity_check(
+        "check_lora_export.py",
+        &[case.dir.as_os_str(), out.path().as_os_str(), tol.as_ref()],
+        &format!("{name}: PEFT/diffusers rejected our export"),
     );
 }
 
@@ -346,25 +333,16 @@ fn own_adapter_export_loads_in_peft_and_diffusers() {
     let expected = out.path().join("expected.safetensors");
     let (active, scaled) = (active.contiguous(), scaled.contiguous());
     Tensor::write_safetensors(&[("active", &active), ("scaled", &scaled)], &expected).unwrap();
-    let Some(py) = python() else { return };
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../scripts/parity/check_lora_export.py"
-    );
-    let res = std::process::Command::new(py)
-        .arg(script)
-        .arg(&case.dir)
-        .arg(out.path())
-        .arg(TOL.to_string())
-        .arg(&expected)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&res.stdout);
-    eprintln!("own adapter: check_lora_export.py:\n{stdout}");
-    assert!(
-        res.status.success(),
-        "PEFT/diffusers rejected our export:\n{stdout}\n{}",
-        String::from_utf8_lossy(&res.stderr)
+    let tol = TOL.to_string();
+    run_parity_check(
+        "check_lora_export.py",
+        &[
+            case.dir.as_os_str(),
+            out.path().as_os_str(),
+            tol.as_ref(),
+            expected.as_os_str(),
+        ],
+        "own adapter: PEFT/diffusers rejected our export",
     );
 }
 

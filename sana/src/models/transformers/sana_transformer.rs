@@ -886,26 +886,20 @@ mod tests {
             }
             let expected = out.path().join("expected.safetensors");
             Tensor::write_safetensors(&[("sample", &ours.contiguous())], &expected).unwrap();
-            let Some(py) = crate::testing::python() else {
+            let tol = tol.to_string();
+            let ran = crate::testing::run_parity_check(
+                "check_transformer_export.py",
+                &[
+                    out.path().as_os_str(),
+                    inputs.as_os_str(),
+                    expected.as_os_str(),
+                    tol.as_ref(),
+                ],
+                &format!("diffusers rejected our {kind:?} export"),
+            );
+            if !ran {
                 return;
-            };
-            let script = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../scripts/parity/check_transformer_export.py"
-            );
-            let res = std::process::Command::new(py)
-                .args([script.as_ref(), out.path().as_os_str(), inputs.as_os_str()])
-                .arg(&expected)
-                .arg(tol.to_string())
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&res.stdout);
-            eprintln!("{stdout}");
-            assert!(
-                res.status.success(),
-                "diffusers rejected our {kind:?} export:\n{stdout}\n{}",
-                String::from_utf8_lossy(&res.stderr)
-            );
+            }
         }
     }
 

@@ -21,6 +21,9 @@ command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v nasm >/dev/null || need_apt+=(nasm)
+# Collectives (c10d/): torch's ProcessGroupGloo header includes Gloo's headers,
+# which the torch wheel does not ship.
+[ -f /usr/include/gloo/config.h ] || need_apt+=(libgloo-dev)
 if ((${#need_apt[@]})); then
     log "installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -3,6 +3,10 @@
 # the diffusers parity references, checks formatting and lints, runs every test.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
+# A one-off full build gains nothing from incremental state but ~20 GB of disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+log "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free before the build"
+
 log "cargo fmt --check"
 cargo fmt --all --check
 
@@ -20,3 +24,4 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # A missing reference fails the tests here instead of skipping.
 export SANA_PARITY_REQUIRED=1
 cargo nextest run --workspace --no-fail-fast "$@"
+log "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target/ is $(du -sh target | cut -f1)"

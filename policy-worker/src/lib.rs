@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use anyhow::Context;
+use c10d::{Backend, ProcessGroup, Rendezvous};
 use futures::Stream;
 use proto::runtime::v1::policy_worker_server::{PolicyWorker, PolicyWorkerServer};
 use proto::runtime::v1::*;
@@ -25,6 +26,7 @@ use sana::pipelines::text_encoding::PromptOptions;
 use sana::schedulers::DPMSolverMultistepConfig;
 use sana::training::checkpoint::{CheckpointManager, SaveMode, TrainingState};
 use sana::training::nft_trainer::{NftBatch, NftTrainer, OLD_ADAPTER, TRAINED_ADAPTER};
+use sana::training::parallel::DataParallel;
 use sana::training::sft::SftTimesteps;
 use sana::training::sft_trainer::{SftBatch as SftTensors, SftTrainer};
 use tch::{Device, Kind};
@@ -44,6 +46,12 @@ pub struct WorkerSetup {
     /// The config file's directory: relative paths in it are relative to it... or to the cwd.
     pub base_dir: PathBuf,
     pub rank: u32,
+    /// Data-parallel ranks; above 1 they form a c10d group at `master`.
+    pub world_size: u32,
+    /// Rank 0's rendezvous `host:port`.
+    pub master: Option<String>,
+    /// Bounds every collective: a dead rank is an error within it.
+    pub collective_timeout: std::time::Duration,
     pub device: Device,
     /// Optimizer-schedule length (the run's steps), for the LR schedule.
     pub total_steps: u64,
@@ -120,6 +128,41 @@ fn add_trained_adapter(
     Ok(Some(lcfg))
 }
 
+/// Joins the other policy ranks (blocks until all have come, or the timeout).
+fn data_parallel(setup: &WorkerSetup) -> anyhow::Result<DataParallel> {
+    if setup.world_size <= 1 {
+        return Ok(DataParallel::single());
+    }
+    let master = setup.master.as_deref().with_context(|| {
+        format!(
+            "rank {} of {}: --master host:port is required with several ranks",
+            setup.rank, setup.world_size
+        )
+    })?;
+    let (host, port) = master
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .with_context(|| format!("--master {master:?} is not host:port"))?;
+    let mut rdv = Rendezvous::new(host, port, setup.rank as usize, setup.world_size as usize);
+    rdv.timeout = setup.collective_timeout;
+    // Ranks on one host meet on loopback; across hosts Gloo binds this host's name.
+    if host == "localhost" || host.starts_with("127.") {
+        rdv.local_addr = Some("127.0.0.1".into());
+    }
+    let backend = Backend::for_device(setup.device);
+    let started = Instant::now();
+    let group = ProcessGroup::new(backend, &rdv)?;
+    let reduce = kind_of(&setup.config.train.fsdp_reduce_dtype)?;
+    tracing::info!(
+        rank = setup.rank,
+        world = setup.world_size,
+        %backend,
+        secs = started.elapsed().as_secs_f64(),
+        "joined the data-parallel group"
+    );
+    Ok(DataParallel::new(group, reduce))
+}
+
 /// Builds the model, adapters and trainer (minutes for a large model: done before serving).
 fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
     let c = &setup.config;
@@ -136,7 +179,9 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
             let lcfg = add_trained_adapter(&mut model, c, &setup.base_dir)?
                 .context("DiffusionNFT trains a LoRA: [policy.lora] is required")?;
             model.lora.add_adapter(OLD_ADAPTER, &lcfg)?;
-            let trainer = NftTrainer::new(&mut model, nft_trainer_config(c, setup.total_steps)?)?;
+            let mut trainer =
+                NftTrainer::new(&mut model, nft_trainer_config(c, setup.total_steps)?)?;
+            trainer.dp = data_parallel(setup)?;
             Job::Nft {
                 model: Box::new(model),
                 trainer,
@@ -148,11 +193,12 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
             add_trained_adapter(&mut pipeline.transformer, c, &setup.base_dir)?;
             let dpm = DPMSolverMultistepConfig::from_json_file(&pipeline.scheduler_config)?;
             let timesteps = SftTimesteps::new(&dpm, c.policy.diffusers.train_flow_shift)?;
-            let trainer = SftTrainer::new(
+            let mut trainer = SftTrainer::new(
                 &mut pipeline.transformer,
                 sft_trainer_config(c, setup.total_steps)?,
                 timesteps,
             )?;
+            trainer.dp = data_parallel(setup)?;
             let folder =
                 ImageFolder::open(&setup.base_dir.join(&c.train.train_policy.dataset.local_dir))?;
             if folder.unpaired > 0 {

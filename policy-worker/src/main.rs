@@ -14,8 +14,19 @@ struct Args {
     /// host:port to serve on (port 0: any free port; the log says which).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
-    #[arg(long, default_value_t = 0)]
+    /// This worker's data-parallel rank (torchrun's RANK when unset).
+    #[arg(long, env = "RANK", default_value_t = 0)]
     rank: u32,
+    /// Policy ranks training together (torchrun's WORLD_SIZE when unset).
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    world_size: u32,
+    /// host:port of rank 0's rendezvous store (with --world-size > 1); rank 0 binds it.
+    #[arg(long)]
+    master: Option<String>,
+    /// Seconds a collective may wait for the other ranks before this worker
+    /// reports the group broken.
+    #[arg(long, default_value_t = 600)]
+    collective_timeout_secs: u64,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -37,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
         config: loaded.config,
         base_dir: std::env::current_dir()?,
         rank: args.rank,
+        world_size: args.world_size,
+        master: args.master,
+        collective_timeout: std::time::Duration::from_secs(args.collective_timeout_secs),
         device: sana::config::runtime::parse_device(&args.device)?,
         total_steps: args.total_steps,
         output_dir: args.output_dir,

@@ -34,6 +34,9 @@ pub enum SanaError {
     /// A training checkpoint is incomplete, corrupt or does not fit the run.
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
+    /// A collective across data-parallel ranks failed (a peer died or timed out).
+    #[error("data parallel: {0}")]
+    Collective(String),
     #[error(transparent)]
     Tch(#[from] tch::TchError),
 }

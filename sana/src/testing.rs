@@ -42,20 +42,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (cpu(a) - cpu(b)).abs().max().double_value(&[])
 }
 
-/// A tiny random SANA 1.5-style transformer (fixed seed) with Cosmos-RL's LoRA
-/// targets as adapters "default" (B randomised, so it moves the output) and "old",
-/// and a 6-sample NFT batch for it: for tests that need no reference files.
-pub fn tiny_nft_model_and_batch(
+/// A tiny random SANA 1.5-style transformer (4 latent channels, 2 blocks of
+/// width 8, captions of width 6), seeded.
+pub fn tiny_transformer(
     seed: i64,
-) -> (
-    crate::models::transformers::sana_transformer::SanaTransformer2DModel,
-    crate::training::nft_trainer::NftBatch,
-) {
-    use crate::lora::{InitLoraWeights, LoraConfig, TargetModules};
+) -> crate::models::transformers::sana_transformer::SanaTransformer2DModel {
     use crate::models::transformers::sana_transformer::{
         SanaTransformer2DModel, SanaTransformerConfig,
     };
-    use tch::Device;
     tch::manual_seed(seed);
     let cfg = SanaTransformerConfig {
         in_channels: 4,
@@ -70,7 +64,21 @@ pub fn tiny_nft_model_and_batch(
         qk_norm: Some("rms_norm_across_heads".into()),
         ..Default::default()
     };
-    let mut model = SanaTransformer2DModel::new(cfg, Device::Cpu).unwrap();
+    SanaTransformer2DModel::new(cfg, tch::Device::Cpu).unwrap()
+}
+
+/// A tiny random SANA 1.5-style transformer (fixed seed) with Cosmos-RL's LoRA
+/// targets as adapters "default" (B randomised, so it moves the output) and "old",
+/// and a 6-sample NFT batch for it: for tests that need no reference files.
+pub fn tiny_nft_model_and_batch(
+    seed: i64,
+) -> (
+    crate::models::transformers::sana_transformer::SanaTransformer2DModel,
+    crate::training::nft_trainer::NftBatch,
+) {
+    use crate::lora::{InitLoraWeights, LoraConfig, TargetModules};
+    use tch::Device;
+    let mut model = tiny_transformer(seed);
     let targets = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
         .into_iter()
         .chain(["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"])
@@ -140,4 +148,66 @@ pub fn run_parity_check(script: &str, args: &[&std::ffi::OsStr], what: &str) -> 
         String::from_utf8_lossy(&res.stderr)
     );
     true
+}
+
+/// Starts `world` copies of this test binary running the ignored test `test`
+/// as ranks of one Gloo group (see [`rank_env`]) and waits for them; returns
+/// each rank's output path stem (`<dir>/w<world>_rank<r>`).
+pub fn spawn_ranks(test: &str, world: usize, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let outs: Vec<_> = (0..world)
+        .map(|r| dir.join(format!("w{world}_rank{r}")))
+        .collect();
+    let children: Vec<_> = outs
+        .iter()
+        .enumerate()
+        .map(|(rank, out)| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    test,
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
+                .env("SANA_TEST_RANK", rank.to_string())
+                .env("SANA_TEST_WORLD", world.to_string())
+                .env("SANA_TEST_PORT", port.to_string())
+                .env("SANA_TEST_OUT", out)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (rank, mut c) in children.into_iter().enumerate() {
+        let status = c.wait().unwrap();
+        assert!(status.success(), "rank {rank} of {world}: {status}");
+    }
+    outs
+}
+
+/// In a rank process started by [`spawn_ranks`]: its data-parallel group and
+/// output path stem; None when run directly (the test then does nothing).
+pub fn rank_env() -> Option<(crate::training::parallel::DataParallel, std::path::PathBuf)> {
+    let var = |k: &str| std::env::var(k).ok();
+    let (rank, world, port, out) = (
+        var("SANA_TEST_RANK")?.parse().unwrap(),
+        var("SANA_TEST_WORLD")?.parse().unwrap(),
+        var("SANA_TEST_PORT")?.parse().unwrap(),
+        var("SANA_TEST_OUT")?,
+    );
+    let rdv = c10d::Rendezvous {
+        local_addr: Some("127.0.0.1".into()),
+        timeout: std::time::Duration::from_secs(120),
+        ..c10d::Rendezvous::new("127.0.0.1", port, rank, world)
+    };
+    let group = c10d::ProcessGroup::new(c10d::Backend::Gloo, &rdv).unwrap();
+    Some((
+        crate::training::parallel::DataParallel::new(group, tch::Kind::Float),
+        out.into(),
+    ))
 }

@@ -5,6 +5,11 @@
 //! disabled), clip + AdamW + EMA per optimize batch, then the decayed copy of
 //! "default" into "old".
 //!
+//! Data parallel (`parallel::DataParallel`): every rank runs the same shuffles
+//! and noise on the whole batch and computes its slice of each mini batch; the
+//! gradients are summed before each optimizer step and the metrics combined at
+//! the end, so N ranks give one process's step on the same global batch.
+//!
 //! Randomness: every step re-seeds libtorch's CPU generator with
 //! `seed + step` (1-based step), so a step's shuffles and noise depend only on
 //! the seed and the step number. That is what makes a resumed run equal an
@@ -20,6 +25,7 @@ use super::ema::weight_copy_decay;
 use super::lr_schedule::LrSchedule;
 use super::nft::{nft_loss, noised, NftLossConfig, NftPredictions, NftSample, NftTerms};
 use super::optim::AdamWConfig;
+use super::parallel::DataParallel;
 use super::trainable::{copy_in, TrainTarget, TrainedParams};
 use crate::lora::ActiveAdapter;
 use crate::models::transformers::sana_transformer::{SanaTransformer2DModel, TransformerInputs};
@@ -35,9 +41,10 @@ pub struct NftTrainerConfig {
     pub loss: NftLossConfig,
     /// `train_policy.mu_iterations`: passes over the batch per step.
     pub mu_iterations: usize,
-    /// `train_policy.batch_size_per_optimize`: samples per optimizer step (None: all).
+    /// `train_policy.batch_size_per_optimize`: samples per optimizer step and
+    /// rank (None: all).
     pub batch_size_per_optimize: Option<usize>,
-    /// `train_policy.mini_batch`: samples per forward (None: the optimize batch).
+    /// `train_policy.mini_batch`: samples per forward and rank (None: the optimize batch).
     pub mini_batch: Option<usize>,
     /// `int(sample.num_steps * timesteps_fraction)`.
     pub num_train_timesteps: usize,
@@ -151,14 +158,18 @@ pub struct NftStepMetrics {
     pub optimizer_steps: u64,
 }
 
+/// Which metrics are batch maxima (combined across ranks by max, not by mean).
+const MAX_METRICS: [usize; 2] = [6, 8];
+
+/// The metrics of every (mini batch, timestep) of a step, with the number of
+/// samples each came from on this rank.
 #[derive(Default)]
 struct Accumulated {
-    n: usize,
-    sums: [f64; 9],
+    entries: Vec<(f64, [f64; 9])>,
 }
 
 impl Accumulated {
-    fn add(&mut self, t: &NftTerms) {
+    fn add(&mut self, t: &NftTerms, samples: i64) {
         let v = [
             t.loss.double_value(&[]),
             t.policy_loss,
@@ -170,18 +181,54 @@ impl Accumulated {
             t.x0_norm,
             t.x0_norm_max,
         ];
-        for (s, x) in self.sums.iter_mut().zip(v) {
-            *s += x;
-        }
-        self.n += 1;
+        self.entries.push((samples as f64, v));
     }
 
-    fn mean(&self, i: usize) -> f64 {
-        if self.n == 0 {
-            0.0
-        } else {
-            self.sums[i] / self.n as f64
+    /// A rank with no samples in an entry still takes part in the reduction.
+    fn skip(&mut self) {
+        self.entries.push((0.0, [0.0; 9]));
+    }
+
+    /// Each entry's value over the whole global mini batch (sample-weighted
+    /// means, maxima by max across ranks), then averaged over entries as
+    /// Cosmos-RL's `train/*_avg`.
+    fn means(&self, dp: &DataParallel) -> Result<[f64; 9]> {
+        let mut entries: Vec<[f64; 9]> = self.entries.iter().map(|e| e.1).collect();
+        if dp.world_size() > 1 {
+            let mut sums: Vec<f64> = Vec::new();
+            let mut maxes: Vec<f64> = Vec::new();
+            for (n, v) in &self.entries {
+                sums.push(*n);
+                for (i, x) in v.iter().enumerate() {
+                    if MAX_METRICS.contains(&i) {
+                        maxes.push(if *n > 0.0 { *x } else { f64::NEG_INFINITY });
+                    } else {
+                        sums.push(x * n);
+                    }
+                }
+            }
+            dp.all_reduce_values(&mut sums, c10d::ReduceOp::Sum)?;
+            dp.all_reduce_values(&mut maxes, c10d::ReduceOp::Max)?;
+            let (mut s, mut m) = (sums.into_iter(), maxes.into_iter());
+            for e in entries.iter_mut() {
+                let n = s.next().unwrap_or(0.0).max(1.0);
+                for (i, x) in e.iter_mut().enumerate() {
+                    *x = if MAX_METRICS.contains(&i) {
+                        m.next().unwrap_or(0.0)
+                    } else {
+                        s.next().unwrap_or(0.0) / n
+                    };
+                }
+            }
         }
+        let mut out = [0.0; 9];
+        for e in &entries {
+            for (o, x) in out.iter_mut().zip(e) {
+                *o += x;
+            }
+        }
+        let n = entries.len().max(1) as f64;
+        Ok(out.map(|x| x / n))
     }
 }
 
@@ -194,6 +241,8 @@ pub struct NftTrainer {
     pub params: TrainedParams,
     /// Completed steps; the next step is `step + 1` (Cosmos-RL's 1-based `current_step`).
     pub step: u64,
+    /// The other ranks training the same adapter (alone by default).
+    pub dp: DataParallel,
 }
 
 impl NftTrainer {
@@ -223,6 +272,7 @@ impl NftTrainer {
             params: TrainedParams::new(named, config.optimizer, config.ema),
             step: 0,
             config,
+            dp: DataParallel::single(),
         })
     }
 
@@ -257,8 +307,10 @@ impl NftTrainer {
                 ),
             ));
         }
+        // Per-rank sizes in the config; the global batches are world times that.
+        let world = self.dp.world_size() as i64;
         let per_optimize = match cfg.batch_size_per_optimize {
-            Some(n) if n > 0 => (n as i64).min(b),
+            Some(n) if n > 0 => (n as i64 * world).min(b),
             _ => b,
         };
         model.lora.set_training(true);
@@ -282,20 +334,27 @@ impl NftTrainer {
                 let opt_size = per_optimize.min(b - opt_start);
                 let opt_batch = shuffled.narrow(opt_start, opt_size);
                 let mini = match cfg.mini_batch {
-                    Some(n) if n > 0 => (n as i64).min(opt_size),
+                    Some(n) if n > 0 => (n as i64 * world).min(opt_size),
                     _ => opt_size,
                 };
                 for mini_start in (0..opt_size).step_by(mini as usize) {
                     let mini_size = mini.min(opt_size - mini_start);
                     let mb = opt_batch.narrow(mini_start, mini_size);
-                    let scale = (mini_size as f64 / opt_size as f64) * timestep_scaling;
+                    let part = self.dp.slice(mini_size);
+                    // Summed over ranks, the slices' weights add up to the mini batch's.
+                    let scale = (part.1 as f64 / opt_size as f64) * timestep_scaling;
                     for j in 0..cfg.num_train_timesteps as i64 {
-                        let terms = self.timestep_loss(model, &mb, j)?;
-                        (&terms.loss * scale).backward();
-                        acc.add(&terms);
+                        match self.timestep_loss(model, &mb, j, part)? {
+                            Some(terms) => {
+                                (&terms.loss * scale).backward();
+                                acc.add(&terms, part.1);
+                            }
+                            None => acc.skip(),
+                        }
                     }
                 }
-                // Cosmos-RL's `all_reduce_states` on one rank, then the EMA step.
+                // Cosmos-RL's `all_reduce_states`, then clip, AdamW and the EMA step.
+                self.dp.all_reduce_grads(self.params.params())?;
                 grad_norm_sum += self.params.step(lr, cfg.grad_norm_clip, current);
                 optimizer_steps += 1;
             }
@@ -306,17 +365,18 @@ impl NftTrainer {
             .lora
             .blend_adapter(OLD_ADAPTER, TRAINED_ADAPTER, old_decay)?;
         self.step = current;
+        let m = acc.means(&self.dp)?;
         let metrics = NftStepMetrics {
             step: current,
-            loss: acc.mean(0),
-            policy_loss: acc.mean(1),
-            unweighted_policy_loss: acc.mean(2),
-            kl_loss: acc.mean(3),
-            old_kl: acc.mean(4),
-            old_deviation: acc.mean(5),
-            old_deviation_max: acc.mean(6),
-            x0_norm: acc.mean(7),
-            x0_norm_max: acc.mean(8),
+            loss: m[0],
+            policy_loss: m[1],
+            unweighted_policy_loss: m[2],
+            kl_loss: m[3],
+            old_kl: m[4],
+            old_deviation: m[5],
+            old_deviation_max: m[6],
+            x0_norm: m[7],
+            x0_norm_max: m[8],
             grad_norm: grad_norm_sum / optimizer_steps.max(1) as f64,
             learning_rate: lr,
             old_decay,
@@ -326,17 +386,25 @@ impl NftTrainer {
         Ok(metrics)
     }
 
-    /// The three forwards and the loss at the mini batch's `j`-th (shuffled) timestep.
+    /// The three forwards and the loss at the mini batch's `j`-th (shuffled)
+    /// timestep, on this rank's `(start, len)` part of it (None when empty).
+    /// The noise is drawn for the whole mini batch so that every rank's
+    /// generator stays in step with one process's.
     fn timestep_loss(
         &self,
         model: &SanaTransformer2DModel,
-        mb: &NftBatch,
+        whole: &NftBatch,
         j: i64,
-    ) -> Result<NftTerms> {
+        (start, len): (i64, i64),
+    ) -> Result<Option<NftTerms>> {
+        let noise = whole.latents_clean.to_kind(Kind::Float).randn_like();
+        if len == 0 {
+            return Ok(None);
+        }
+        let (mb, noise) = (whole.narrow(start, len), noise.narrow(0, start, len));
         let x0 = &mb.latents_clean;
         let timestep = mb.timesteps.select(1, j);
         let t = &timestep / 1000.0;
-        let noise = x0.to_kind(Kind::Float).randn_like();
         let xt = noised(x0, &t, &noise).to_kind(model.kind());
         // The caption mask goes to the cross-attention in training as in sampling
         // (nft-algorithm.md, note on the caption mask).
@@ -363,7 +431,7 @@ impl NftTrainer {
             v_old: &v_old,
             v_ref: &v_ref,
         };
-        Ok(nft_loss(&self.config.loss, &sample, &preds))
+        Ok(Some(nft_loss(&self.config.loss, &sample, &preds)))
     }
 }
 
@@ -446,7 +514,7 @@ impl NftTrainer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::lora::io::read_adapter_config;
     use crate::testing::{load_named, parity_case};

@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 use super::checkpoint::TrainingState;
 use super::lr_schedule::LrSchedule;
 use super::optim::AdamWConfig;
+use super::parallel::DataParallel;
 use super::sft::{sft_inputs, sft_loss, SftTimesteps, WeightingScheme};
 use super::trainable::{TrainTarget, TrainedParams};
 use crate::models::modeling_utils::SaveOptions;
@@ -68,6 +69,9 @@ pub struct SftTrainer {
     pub params: TrainedParams,
     /// Completed steps.
     pub step: u64,
+    /// The other ranks training the same weights (alone by default): each takes
+    /// its slice of every global mini batch (`mini_batch × world`), as NFT does.
+    pub dp: DataParallel,
 }
 
 impl SftTrainer {
@@ -89,6 +93,7 @@ impl SftTrainer {
             params: TrainedParams::new(named, config.optimizer, config.ema),
             timesteps,
             step: 0,
+            dp: DataParallel::single(),
             config,
         })
     }
@@ -122,32 +127,46 @@ impl SftTrainer {
         let _enter = span.enter();
         tch::manual_seed(self.config.seed.wrapping_add(current) as i64);
         let lr = self.learning_rate();
+        // `mini_batch` is per rank; the whole batch is on every rank.
         let mini = match self.config.mini_batch {
-            Some(n) if n > 0 => (n as i64).min(b),
+            Some(n) if n > 0 => (n as i64 * self.dp.world_size() as i64).min(b),
             _ => b,
         };
         model.lora.set_training(true);
-        let (mut loss_sum, mut count) = (0.0, 0i64);
+        let mut loss_sum = [0.0];
         for start in (0..b).step_by(mini as usize) {
             let n = mini.min(b - start);
-            let x0 = batch.latents.narrow(0, start, n);
+            // Timesteps and noise for the whole mini batch, so every rank's
+            // generator stays in step with one process's.
             let u = self.config.weighting.sample(n);
             let (timestep, sigmas) = self.timesteps.sample(&u);
-            let timestep = timestep.to_device(x0.device());
-            let noise = x0.randn_like();
-            let (xt, target) = sft_inputs(&x0, &sigmas, &noise);
+            let noise = batch.latents.narrow(0, start, n).randn_like();
+            let (from, len) = self.dp.slice(n);
+            if len == 0 {
+                continue;
+            }
+            let at = start + from;
+            let x0 = batch.latents.narrow(0, at, len);
+            let timestep = timestep.narrow(0, from, len).to_device(x0.device());
+            let sigmas = sigmas.narrow(0, from, len);
+            let (xt, target) = sft_inputs(&x0, &sigmas, &noise.narrow(0, from, len));
             let v = model.forward(&TransformerInputs {
                 hidden_states: &xt.to_kind(model.kind()),
-                encoder_hidden_states: &batch.prompt_embeds.narrow(0, start, n),
+                encoder_hidden_states: &batch.prompt_embeds.narrow(0, at, len),
                 timestep: &timestep,
                 guidance: None,
-                encoder_attention_mask: Some(&batch.prompt_attention_mask.narrow(0, start, n)),
+                encoder_attention_mask: Some(&batch.prompt_attention_mask.narrow(0, at, len)),
             })?;
             let per_sample = sft_loss(&v.to_kind(Kind::Float), &target.to_kind(Kind::Float));
-            per_sample.mean(None).backward();
-            loss_sum += per_sample.sum(None).double_value(&[]);
-            count += n;
+            // The mini batch's mean, summed over the ranks' slices.
+            (per_sample.sum(None) / n as f64).backward();
+            loss_sum[0] += per_sample.sum(None).double_value(&[]);
         }
+        self.dp
+            .all_reduce_values(&mut loss_sum, c10d::ReduceOp::Sum)?;
+        self.dp.all_reduce_grads(self.params.params())?;
+        let count = b;
+        let loss_sum = loss_sum[0];
         let grad_norm = self.params.step(lr, self.config.grad_norm_clip, self.step);
         self.step = current;
         Ok(SftStepMetrics {

@@ -1,0 +1,359 @@
+//! Data parallelism for the trainers: every rank holds the whole model and the
+//! whole step's batch, draws the same shuffles and noise (same seeds), computes
+//! its own slice of every mini batch, and the gradients are summed across
+//! ranks before the optimizer step. Each rank then applies the same update, so
+//! N ranks equal one process on the same global batch.
+//!
+//! `train_policy.mini_batch` and `batch_size_per_optimize` are per rank, as in
+//! Cosmos-RL: the global mini batch is `mini_batch × world`.
+
+use c10d::{ProcessGroup, ReduceOp};
+use tch::{Kind, Tensor};
+
+use crate::{Result, SanaError};
+
+/// This process's part in data-parallel training (one rank when alone).
+#[derive(Debug, Default)]
+pub struct DataParallel {
+    group: Option<ProcessGroup>,
+    /// `train.fsdp_reduce_dtype`: the dtype gradients are summed in.
+    reduce_kind: Option<Kind>,
+}
+
+fn collective(e: c10d::Error) -> SanaError {
+    SanaError::Collective(e.to_string())
+}
+
+impl DataParallel {
+    /// Alone: no communication.
+    pub fn single() -> Self {
+        Self::default()
+    }
+
+    pub fn new(group: ProcessGroup, reduce_kind: Kind) -> Self {
+        Self {
+            group: Some(group),
+            reduce_kind: Some(reduce_kind),
+        }
+    }
+
+    /// Changes the dtype gradients are summed in.
+    pub fn set_reduce_kind(&mut self, kind: Kind) {
+        self.reduce_kind = Some(kind);
+    }
+
+    pub fn rank(&self) -> usize {
+        self.group.as_ref().map_or(0, |g| g.rank())
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.group.as_ref().map_or(1, |g| g.world_size())
+    }
+
+    pub fn group(&self) -> Option<&ProcessGroup> {
+        self.group.as_ref()
+    }
+
+    /// This rank's contiguous part `(start, len)` of `n` items; parts differ by at most one.
+    pub fn slice(&self, n: i64) -> (i64, i64) {
+        rank_slice(self.rank(), self.world_size(), n)
+    }
+
+    /// Sums every parameter's gradient across ranks, in one flat buffer.
+    /// A parameter this rank gave no gradient counts as zeros.
+    pub fn all_reduce_grads(&self, params: &[Tensor]) -> Result<()> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        let kind = self.reduce_kind.unwrap_or(Kind::Float);
+        let flat: Vec<Tensor> = params
+            .iter()
+            .map(|p| {
+                let g = p.grad();
+                if g.defined() {
+                    g.to_kind(kind).flatten(0, -1)
+                } else {
+                    Tensor::zeros([p.numel() as i64], (kind, p.device()))
+                }
+            })
+            .collect();
+        let mut buf = Tensor::cat(&flat, 0);
+        group
+            .all_reduce(&mut buf, ReduceOp::Sum)
+            .map_err(collective)?;
+        let mut offset = 0;
+        for p in params {
+            let n = p.numel() as i64;
+            let part = buf.narrow(0, offset, n).view(p.size().as_slice());
+            offset += n;
+            let mut g = p.grad();
+            if !g.defined() {
+                // No backward reached this parameter on this rank (no samples);
+                // tch cannot assign `.grad`, so a zero backward materialises it.
+                (p.sum(None) * 0.0).backward();
+                g = p.grad();
+            }
+            g.copy_(&part);
+        }
+        Ok(())
+    }
+
+    /// Element-wise reduction of `values` across ranks (f64 on the CPU).
+    pub fn all_reduce_values(&self, values: &mut [f64], op: ReduceOp) -> Result<()> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut t = Tensor::from_slice(values).to_device(group_device(group));
+        group.all_reduce(&mut t, op).map_err(collective)?;
+        let back = Vec::<f64>::try_from(t.to_device(tch::Device::Cpu)).map_err(SanaError::from)?;
+        values.copy_from_slice(&back);
+        Ok(())
+    }
+}
+
+/// Rank `rank`'s contiguous part `(start, len)` of `n` items split over `world` ranks.
+pub fn rank_slice(rank: usize, world: usize, n: i64) -> (i64, i64) {
+    let (r, w) = (rank as i64, world.max(1) as i64);
+    let (base, extra) = (n / w, n % w);
+    (r * base + r.min(extra), base + i64::from(r < extra))
+}
+
+/// NCCL reduces CUDA tensors only.
+fn group_device(group: &ProcessGroup) -> tch::Device {
+    match group.backend() {
+        c10d::Backend::Nccl => tch::Device::Cuda(0),
+        c10d::Backend::Gloo => tch::Device::Cpu,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_cover_everything_once() {
+        for n in 0..12i64 {
+            for world in 1..5usize {
+                let mut next = 0;
+                for rank in 0..world {
+                    let (s, l) = rank_slice(rank, world, n);
+                    assert!(l == n / world as i64 || l == n / world as i64 + 1);
+                    assert_eq!(s, next, "n {n} world {world} rank {rank}");
+                    next += l;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+
+    use crate::testing::{rank_env, spawn_ranks, tiny_nft_model_and_batch};
+    use crate::training::nft_trainer::{tests::test_config, NftStepMetrics, NftTrainer};
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    const STEPS: u64 = 2;
+
+    /// `STEPS` NFT steps (two passes each) on the tiny model, every rank on the
+    /// same 6-sample batch; per-rank batch sizes are the 1-rank ones over the world.
+    fn nft_steps(mut dp: DataParallel, kind: Kind, out: &Path) -> DataParallel {
+        let world = dp.world_size();
+        dp.set_reduce_kind(kind);
+        let (mut model, mut batch) = tiny_nft_model_and_batch(7);
+        model.set_kind(kind);
+        batch.latents_clean = batch.latents_clean.to_kind(kind);
+        batch.prompt_embeds = batch.prompt_embeds.to_kind(kind);
+        let mut cfg = test_config();
+        cfg.mu_iterations = 2;
+        // Global optimize batches of 4 then 2, one mini batch each: at 4 ranks
+        // the last one leaves two ranks without a sample.
+        cfg.batch_size_per_optimize = Some(4 / world);
+        cfg.mini_batch = Some(4 / world);
+        let mut trainer = NftTrainer::new(&mut model, cfg).unwrap();
+        trainer.dp = dp;
+        let metrics: Vec<NftStepMetrics> = (0..STEPS)
+            .map(|_| trainer.train_step(&model, &batch).unwrap())
+            .collect();
+        let state = trainer.state(&model, serde_json::Value::Null).unwrap();
+        Tensor::write_safetensors(&state.tensors, out.with_extension("safetensors")).unwrap();
+        std::fs::write(
+            out.with_extension("json"),
+            serde_json::to_string(&metrics).unwrap(),
+        )
+        .unwrap();
+        std::mem::take(&mut trainer.dp)
+    }
+
+    /// One data-parallel rank, started by the tests below.
+    #[test]
+    #[ignore = "a rank process for the data-parallel tests, not a test"]
+    fn nft_rank_process() {
+        let Some((dp, out)) = rank_env() else {
+            return;
+        };
+        let dp = nft_steps(dp, Kind::Double, &suffixed(&out, "f64"));
+        nft_steps(dp, Kind::Float, &suffixed(&out, "f32"));
+    }
+
+    /// `<stem>_<suffix>`: outputs then add their own extensions.
+    fn suffixed(stem: &Path, suffix: &str) -> std::path::PathBuf {
+        let mut s = stem.as_os_str().to_owned();
+        s.push(format!("_{suffix}"));
+        s.into()
+    }
+
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)
+    }
+
+    /// What one run wrote: every state tensor by name, and the metrics per step.
+    fn read_run(stem: &Path) -> (HashMap<String, Tensor>, Vec<serde_json::Value>) {
+        let tensors = Tensor::read_safetensors(stem.with_extension("safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+        let metrics =
+            serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap())
+                .unwrap();
+        (tensors, metrics)
+    }
+
+    /// Worst relative error over all tensors and over all metrics of all steps.
+    fn worst_errors(got: &Path, want: &Path) -> (f64, f64) {
+        let ((gt, gm), (wt, wm)) = (read_run(got), read_run(want));
+        assert_eq!(gt.len(), wt.len());
+        assert_eq!(gm.len(), STEPS as usize);
+        let tensors = wt
+            .iter()
+            .map(|(name, w)| rel(&gt[name], w))
+            .fold(0.0, f64::max);
+        let mut metrics = 0.0f64;
+        for (g, w) in gm.iter().zip(&wm) {
+            for (k, wx) in w.as_object().unwrap() {
+                let (a, b) = (g[k].as_f64().unwrap(), wx.as_f64().unwrap());
+                let e = (a - b).abs() / b.abs().max(1e-12);
+                metrics = metrics.max(e);
+            }
+        }
+        (tensors, metrics)
+    }
+
+    /// `STEPS` full-weight SFT steps on a tiny model, every rank with the same
+    /// 6-sample batch; global mini batches of 4 then 2.
+    fn sft_steps(mut dp: DataParallel, kind: Kind, out: &Path) -> DataParallel {
+        use crate::schedulers::DPMSolverMultistepConfig;
+        use crate::training::lr_schedule::{DecayType, LrSchedule};
+        use crate::training::optim::AdamWConfig;
+        use crate::training::sft::{SftTimesteps, WeightingScheme};
+        use crate::training::sft_trainer::{SftBatch, SftTrainer, SftTrainerConfig};
+        use crate::training::trainable::TrainTarget;
+        let world = dp.world_size();
+        dp.set_reduce_kind(kind);
+        let mut model = crate::testing::tiny_transformer(11);
+        model.set_kind(kind);
+        let f = (kind, tch::Device::Cpu);
+        let batch = SftBatch {
+            latents: Tensor::randn([6, 4, 4, 4], f),
+            prompt_embeds: Tensor::randn([6, 5, 6], f),
+            prompt_attention_mask: Tensor::ones([6, 5], (Kind::Int64, tch::Device::Cpu)),
+        };
+        let cfg = SftTrainerConfig {
+            target: TrainTarget::Full,
+            mini_batch: Some(4 / world),
+            weighting: WeightingScheme::parse("logit_normal", 0.0, 1.0, 1.29).unwrap(),
+            grad_norm_clip: 1.0,
+            ema: Some((0.9, 1)),
+            optimizer: AdamWConfig {
+                lr: 1e-3,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+            schedule: LrSchedule::new(1000, 0.0, false, None, DecayType::None, 0.0, 0.0),
+            seed: 5,
+        };
+        let timesteps = SftTimesteps::new(&DPMSolverMultistepConfig::sana(), 3.0).unwrap();
+        let mut trainer = SftTrainer::new(&mut model, cfg, timesteps).unwrap();
+        trainer.dp = dp;
+        let metrics: Vec<serde_json::Value> = (0..STEPS)
+            .map(|_| serde_json::to_value(trainer.train_step(&model, &batch).unwrap()).unwrap())
+            .collect();
+        let state = trainer.state(serde_json::Value::Null);
+        Tensor::write_safetensors(&state.tensors, out.with_extension("safetensors")).unwrap();
+        std::fs::write(
+            out.with_extension("json"),
+            serde_json::to_string(&metrics).unwrap(),
+        )
+        .unwrap();
+        std::mem::take(&mut trainer.dp)
+    }
+
+    #[test]
+    #[ignore = "a rank process for the data-parallel tests, not a test"]
+    fn sft_rank_process() {
+        let Some((dp, out)) = rank_env() else {
+            return;
+        };
+        sft_steps(dp, Kind::Double, &suffixed(&out, "f64"));
+    }
+
+    /// Full-weight SFT over 2 ranks equals one rank on the same global batch
+    /// (fp64: the algorithm, without fp32 summation order; measured ~1e-14).
+    #[test]
+    fn sft_steps_on_2_ranks_equal_one_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = suffixed(&dir.path().join("one"), "f64");
+        sft_steps(DataParallel::single(), Kind::Double, &one);
+        let test = "training::parallel::tests::sft_rank_process";
+        for (rank, stem) in spawn_ranks(test, 2, dir.path()).iter().enumerate() {
+            let (t, m) = worst_errors(&suffixed(stem, "f64"), &one);
+            eprintln!("SFT, 2 ranks, rank {rank}: worst relative error {t:.2e} over the state, {m:.2e} over the metrics");
+            // The SFT loss itself is taken in fp32 (as diffusers does), so the
+            // reported loss differs by fp32 rounding (measured ~9e-9).
+            assert!(t <= 1e-10 && m <= 1e-6, "rank {rank}");
+        }
+    }
+
+    /// The issue's check: 2 and 4 Gloo ranks give the same loss, metrics and
+    /// updated weights (adapter, moments, EMA, "old") as one rank on the same
+    /// global batch. At 4 ranks the last mini batch leaves two ranks without a
+    /// sample. In fp64 (gradients reduced in fp64) the ranks equal one process
+    /// to rounding (measured ~3e-15), held to 1e-10 so that any slip in the
+    /// slicing, scaling or reduction shows; in fp32 the summation order alone
+    /// (one backward over 4 samples against 2 × 2 summed) moves the grad norm
+    /// by ~2e-5 relative as the advantages' ± pairs cancel, held to 1e-4.
+    #[test]
+    fn nft_steps_on_2_and_4_ranks_equal_one_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = dir.path().join("one");
+        let dp = nft_steps(DataParallel::single(), Kind::Double, &suffixed(&one, "f64"));
+        nft_steps(dp, Kind::Float, &suffixed(&one, "f32"));
+        for world in [2usize, 4] {
+            let test = "training::parallel::tests::nft_rank_process";
+            for (rank, stem) in spawn_ranks(test, world, dir.path()).iter().enumerate() {
+                for (prec, bound) in [("f64", 1e-10), ("f32", 1e-4)] {
+                    let (t, m) = worst_errors(&suffixed(stem, prec), &suffixed(&one, prec));
+                    eprintln!(
+                        "{world} ranks, rank {rank}, {prec}: worst relative error \
+                         {t:.2e} over the state tensors, {m:.2e} over the metrics"
+                    );
+                    assert!(
+                        t <= bound && m <= bound,
+                        "{world} ranks, rank {rank}, {prec}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn alone_it_is_rank_zero_of_one_and_touches_nothing() {
+        let dp = DataParallel::single();
+        assert_eq!((dp.rank(), dp.world_size(), dp.slice(5)), (0, 1, (0, 5)));
+        let mut v = [1.0, 2.0];
+        dp.all_reduce_values(&mut v, ReduceOp::Sum).unwrap();
+        assert_eq!(v, [1.0, 2.0]);
+    }
+}

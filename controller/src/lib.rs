@@ -8,6 +8,7 @@ pub mod download;
 pub mod launch;
 pub mod logs;
 pub mod plan;
+pub mod render_k8s;
 pub mod tensorboard;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,11 @@ pub struct RunOptions {
     pub otlp_endpoint: Option<String>,
     /// The controller's root span: workers' spans go under it (`TRACEPARENT`).
     pub trace_root: tracing::Span,
+    /// Bounds the policy ranks' collectives (None: the workers' default, 600 s).
+    pub collective_timeout: Option<Duration>,
+    /// Relaunch the workers this many times after a failure, resuming from the
+    /// last checkpoint.
+    pub max_restarts: u32,
 }
 
 /// The controller's own resumable state, saved inside the policy checkpoint.
@@ -130,7 +136,9 @@ fn trace_env(cmd: &mut Command, opts: &RunOptions) {
 /// The processes and clients of a running job.
 struct Job {
     fleet: Fleet,
-    policy: PolicyWorkerClient<Channel>,
+    /// `(name, client)` per policy rank; they train in lockstep (data parallel),
+    /// rank 0 answers for all (weights, checkpoints).
+    policies: Vec<(String, PolicyWorkerClient<Channel>)>,
     /// DiffusionNFT only (SFT has no rollouts): `(name, client)` per rollout worker.
     rollouts: Vec<(String, RolloutWorkerClient<Channel>)>,
 }
@@ -168,9 +176,9 @@ where
     }
 }
 
-/// Starts one policy worker and, for DiffusionNFT, the reward service
-/// (embedded unless REMOTE_REWARD_* point elsewhere), the gateway and one
-/// rollout worker.
+/// Starts the policy ranks (one c10d group when several) and, for
+/// DiffusionNFT, the reward service (embedded unless REMOTE_REWARD_* point
+/// elsewhere), the gateway and the rollout workers.
 async fn launch(
     opts: &RunOptions,
     plan: &Plan,
@@ -179,20 +187,42 @@ async fn launch(
 ) -> anyhow::Result<Job> {
     let fleet = Fleet::default();
     let logs = run_dir.join("logs");
-    let device = plan.devices[0].clone();
     let load = Duration::from_secs(1800);
 
-    let p_addr = format!("127.0.0.1:{}", free_port()?);
-    let mut cmd = Command::new(bin("policy-worker")?);
-    cmd.arg("--config")
-        .arg(&opts.config_path)
-        .args(["--listen", &p_addr, "--rank", "0", "--device", &device])
-        .args(["--total-steps", &plan.total_steps.to_string()])
-        .arg("--output-dir")
-        .arg(run_dir)
-        .current_dir(&opts.base_dir);
-    trace_env(&mut cmd, opts);
-    fleet.spawn("policy-worker-0", cmd, &logs)?;
+    let world = plan.policy_workers.max(1);
+    let master = format!("127.0.0.1:{}", free_port()?);
+    let mut policy_addrs = Vec::new();
+    for rank in 0..world {
+        let name = format!("policy-worker-{rank}");
+        let p_addr = format!("127.0.0.1:{}", free_port()?);
+        let device = &plan.devices[rank % plan.devices.len()];
+        let mut cmd = Command::new(bin("policy-worker")?);
+        cmd.arg("--config")
+            .arg(&opts.config_path)
+            .args(["--listen", &p_addr, "--device", device])
+            .args([
+                "--rank",
+                &rank.to_string(),
+                "--world-size",
+                &world.to_string(),
+            ])
+            .args(["--master", &master])
+            .args(["--total-steps", &plan.total_steps.to_string()])
+            .arg("--output-dir")
+            .arg(run_dir)
+            .current_dir(&opts.base_dir);
+        if let Some(t) = opts.collective_timeout {
+            cmd.args(["--collective-timeout-secs", &t.as_secs().max(1).to_string()]);
+        }
+        if device == "cpu" && world > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+            // CPU ranks on one machine share its cores instead of each taking all.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cmd.env("OMP_NUM_THREADS", (cores / world).max(1).to_string());
+        }
+        trace_env(&mut cmd, opts);
+        fleet.spawn(&name, cmd, &logs)?;
+        policy_addrs.push((name, p_addr));
+    }
 
     let mut rollouts = Vec::new();
     if plan.kind == RunKind::Nft {
@@ -239,23 +269,27 @@ async fn launch(
         }
     }
 
-    wait_for_port(&fleet, "policy-worker-0", &p_addr, load).await?;
-    let policy = PolicyWorkerClient::new(channel(&p_addr).await?)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
-    let h = wait_healthy(&fleet, "policy-worker-0", load, || {
-        let mut p = policy.clone();
-        async move { p.health(HealthRequest {}).await }
-    })
-    .await?;
-    tracing::info!(pid = h.pid, device = %h.device, "policy worker ready");
+    let mut policies = Vec::new();
+    for (name, p_addr) in policy_addrs {
+        wait_for_port(&fleet, &name, &p_addr, load).await?;
+        let policy = PolicyWorkerClient::new(channel(&p_addr).await?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let h = wait_healthy(&fleet, &name, load, || {
+            let mut p = policy.clone();
+            async move { p.health(HealthRequest {}).await }
+        })
+        .await?;
+        tracing::info!(name, pid = h.pid, device = %h.device, "policy worker ready");
+        policies.push((name, policy));
+    }
     std::fs::write(
         run_dir.join("workers.json"),
         serde_json::to_string_pretty(&fleet.describe())?,
     )?;
     Ok(Job {
         fleet,
-        policy,
+        policies,
         rollouts,
     })
 }
@@ -299,17 +333,19 @@ async fn start_rewards(
 /// (no answer within `every`) report it as unresponsive, which stops the run.
 fn start_heartbeats(job: &Job, every: Duration, misses: u32) {
     let fleet = job.fleet.clone();
-    let policy = job.policy.clone();
+    let policies = job.policies.clone();
     let rollouts = job.rollouts.clone();
     tokio::spawn(async move {
-        let mut missed = vec![0u32; 1 + rollouts.len()];
+        let mut missed = vec![0u32; policies.len() + rollouts.len()];
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             let mut answers = Vec::with_capacity(missed.len());
-            let mut p = policy.clone();
-            let a = tokio::time::timeout(every, p.health(HealthRequest {})).await;
-            answers.push(("policy-worker-0".to_string(), a.map(|r| r.map(|_| ()))));
+            for (name, p) in &policies {
+                let mut p = p.clone();
+                let a = tokio::time::timeout(every, p.health(HealthRequest {})).await;
+                answers.push((name.clone(), a.map(|r| r.map(|_| ()))));
+            }
             for (name, r) in &rollouts {
                 let mut r = r.clone();
                 let a = tokio::time::timeout(every, r.health(HealthRequest {})).await;
@@ -366,6 +402,36 @@ async fn guarded<T>(
     }
 }
 
+/// Sends the same call to every policy rank (they step together, exchanging
+/// gradients) and returns rank 0's answer. A rank that dies fails every call
+/// at once, naming it.
+async fn all_policies<T, F, Fut>(job: &Job, what: &str, call: F) -> anyhow::Result<T>
+where
+    F: Fn(PolicyWorkerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let calls = job.policies.iter().map(|(name, p)| {
+        let fut = call(p.clone());
+        let what = if job.policies.len() > 1 {
+            format!("{what} ({name})")
+        } else {
+            what.to_string()
+        };
+        async move { guarded(&job.fleet, &what, fut).await }
+    });
+    let mut answers = futures::future::join_all(calls).await.into_iter();
+    let first = answers.next().context("no policy worker")??;
+    for a in answers {
+        a?;
+    }
+    Ok(first)
+}
+
+/// The policy rank that answers for all (weights, checkpoints: every rank holds the same).
+fn policy0(job: &Job) -> PolicyWorkerClient<Channel> {
+    job.policies[0].1.clone()
+}
+
 /// Asks the policy worker for a checkpoint holding `state` (and an export).
 async fn checkpoint(
     job: &mut Job,
@@ -377,7 +443,7 @@ async fn checkpoint(
     guarded(
         &job.fleet,
         &format!("step {step}: checkpoint"),
-        job.policy.checkpoint(CheckpointRequest {
+        policy0(job).checkpoint(CheckpointRequest {
             step,
             controller_state_json: serde_json::to_string(state)?,
             export,
@@ -398,7 +464,7 @@ async fn push_weights(job: &mut Job, which: &str) -> anyhow::Result<u64> {
     let mut stream = guarded(
         &job.fleet,
         "fetching the rollout adapter",
-        job.policy.get_weights(WeightsRequest {
+        policy0(job).get_weights(WeightsRequest {
             which: which.into(),
         }),
     )
@@ -613,7 +679,49 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
         }
     });
 
-    let mut job = launch(&opts, &plan, &run_dir, &run_id).await?;
+    let mut cfg = cfg;
+    let mut restarts = 0;
+    loop {
+        let result = run_once(
+            &opts,
+            &cfg,
+            &plan,
+            &run_dir,
+            &run_id,
+            &prompts,
+            &val_prompts,
+            &stop,
+        )
+        .await;
+        match result {
+            Err(e) if restarts < opts.max_restarts && !stop.load(Ordering::SeqCst) => {
+                restarts += 1;
+                eprintln!(
+                    "error: {e:#}\nrestart {restarts} of {}: relaunching the workers and resuming from the last checkpoint",
+                    opts.max_restarts
+                );
+                tracing::warn!(restarts, error = %e, "relaunching the workers");
+                cfg.train.resume = BoolOrString::Bool(true);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One launch of the workers and the step loop until it ends or fails; the
+/// workers are stopped either way.
+#[allow(clippy::too_many_arguments)]
+async fn run_once(
+    opts: &RunOptions,
+    cfg: &RunConfig,
+    plan: &Plan,
+    run_dir: &Path,
+    run_id: &str,
+    prompts: &Option<PromptDataset>,
+    val_prompts: &Option<PromptDataset>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let mut job = launch(opts, plan, run_dir, run_id).await?;
     // A worker that is alive but stuck (a hung device, SIGSTOP) is caught here.
     // SANA_RL_HEARTBEAT_SECS: the period (default 5 s); six misses in a row stop the run.
     let beat = std::env::var("SANA_RL_HEARTBEAT_SECS")
@@ -621,12 +729,12 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
         .and_then(|v| v.parse().ok())
         .unwrap_or(5.0f64);
     start_heartbeats(&job, Duration::from_secs_f64(beat), 6);
-    let result = match &prompts {
+    let result = match prompts {
         Some(p) => {
             let vp = val_prompts.as_ref();
-            step_loop(&opts, &cfg, &plan, &mut job, &run_dir, p, vp, &stop).await
+            step_loop(opts, cfg, plan, &mut job, run_dir, p, vp, stop).await
         }
-        None => sft_loop(&opts, &cfg, &plan, &mut job, &run_dir, &stop).await,
+        None => sft_loop(opts, cfg, plan, &mut job, run_dir, stop).await,
     }
         .with_context(|| {
             format!(
@@ -635,22 +743,26 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
             )
         });
     // Shut down in order: workers (they finish their checkpoint writes), then the reward side.
-    job.fleet.expect_exit("policy-worker-0");
+    for (name, _) in &job.policies {
+        job.fleet.expect_exit(name);
+    }
     for (name, _) in &job.rollouts {
         job.fleet.expect_exit(name);
     }
-    let reason = if result.is_ok() {
-        "run finished"
-    } else {
-        "run failed"
-    };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(60),
-        job.policy.shutdown(ShutdownRequest {
-            reason: reason.into(),
-        }),
-    )
-    .await;
+    let ok = result.is_ok();
+    let reason = if ok { "run finished" } else { "run failed" };
+    let byes = job.policies.iter().map(|(_, p)| {
+        let mut p = p.clone();
+        async move {
+            let bye = p.shutdown(ShutdownRequest {
+                reason: reason.into(),
+            });
+            // A failed run's ranks may be stuck waiting for a dead peer: don't wait long.
+            let patience = Duration::from_secs(if ok { 60 } else { 5 });
+            let _ = tokio::time::timeout(patience, bye).await;
+        }
+    });
+    futures::future::join_all(byes).await;
     for (_, r) in job.rollouts.iter_mut() {
         let bye = r.shutdown(ShutdownRequest {
             reason: reason.into(),
@@ -702,11 +814,11 @@ async fn step_loop(
             .instrument(span.clone())
             .await?;
         let train_started = Instant::now();
-        let result = guarded(
-            &job.fleet,
-            &format!("step {step}: policy update"),
-            job.policy.train_nft(train_batch(step, &traj)),
-        )
+        let request = train_batch(step, &traj);
+        let result = all_policies(job, &format!("step {step}: policy update"), |mut p| {
+            let request = request.clone();
+            async move { p.train_nft(request).await }
+        })
         .instrument(span.clone())
         .await?;
         let train_secs = train_started.elapsed().as_secs_f64();
@@ -776,7 +888,10 @@ async fn resume_state(
     if matches!(cfg.train.resume, BoolOrString::Bool(false)) {
         return Ok(ControllerState::default());
     }
-    let r = guarded(&job.fleet, "resuming", job.policy.resume(ResumeRequest {})).await?;
+    let r = all_policies(job, "resuming", |mut p| async move {
+        p.resume(ResumeRequest {}).await
+    })
+    .await?;
     for s in &r.skipped {
         eprintln!("warning: checkpoint not usable, passed over: {s}");
     }
@@ -837,11 +952,13 @@ async fn sft_loop(
             .map(|&i| i as u64)
             .collect();
         state.cursor.index += batch;
-        let r = guarded(
-            &job.fleet,
-            &format!("step {step}: SFT update"),
-            job.policy.train_sft(SftBatch { step, indices }),
-        )
+        let r = all_policies(job, &format!("step {step}: SFT update"), |mut p| {
+            let request = SftBatch {
+                step,
+                indices: indices.clone(),
+            };
+            async move { p.train_sft(request).await }
+        })
         .instrument(span.clone())
         .await?;
         state.step = step;

@@ -36,6 +36,29 @@ struct Args {
     /// collector (OTLP/gRPC, e.g. http://localhost:4317), as one trace.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Seconds the policy ranks wait in a collective for a missing rank before
+    /// they report it (default 600).
+    #[arg(long)]
+    collective_timeout_secs: Option<u64>,
+    /// After a worker dies or a step fails, relaunch all workers and resume
+    /// from the last checkpoint, up to this many times (default 0: stop and
+    /// say how to resume).
+    #[arg(long, default_value_t = 0)]
+    max_restarts: u32,
+    /// Print the run as Kubernetes objects (multi-document YAML for
+    /// `kubectl apply -f -`; see deploy/k8s/README.md) and exit.
+    #[arg(long, value_enum, value_name = "TARGET")]
+    render: Option<Render>,
+    /// The container image of the rendered pods (with --render; default
+    /// ghcr.io/sana-rl/sana-rl:<version>).
+    #[arg(long, requires = "render")]
+    image: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Render {
+    /// Kubernetes manifests.
+    K8s,
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,6 +110,16 @@ fn real_main(
         print!("{}", plan.render(&loaded.config));
         return Ok(());
     }
+    if let Some(Render::K8s) = args.render {
+        let text = std::fs::read_to_string(&args.config)?;
+        let r =
+            controller::render_k8s::render(&loaded.config, &plan, &text, args.image.as_deref())?;
+        for w in &r.warnings {
+            eprintln!("warning: {w}");
+        }
+        print!("{}", r.yaml());
+        return Ok(());
+    }
     let opts = controller::RunOptions {
         config_path: std::fs::canonicalize(&args.config)?,
         base_dir: base,
@@ -94,6 +127,10 @@ fn real_main(
         run_dir: args.run_dir,
         otlp_endpoint: args.otlp_endpoint,
         trace_root: tel.root.clone(),
+        collective_timeout: args
+            .collective_timeout_secs
+            .map(std::time::Duration::from_secs),
+        max_restarts: args.max_restarts,
     };
     rt.block_on(controller::run(opts, loaded.config, plan))
 }

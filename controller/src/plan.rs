@@ -161,18 +161,13 @@ impl Plan {
         let n_dev = devices.len();
         let on_cpu = devices.iter().all(|d| d == "cpu");
         let dp = c.policy.parallelism.dp_world(n_dev as i64).max(1) as usize;
-        let policy_workers = if on_cpu { 1 } else { dp.min(n_dev) };
+        // One rank per GPU; on CPU the ranks share the cores (Gloo), as tests do.
+        let policy_workers = if on_cpu { dp } else { dp.min(n_dev) };
         if !on_cpu && dp > n_dev {
             warnings.push(format!(
                 "policy.parallelism asks for {dp} data-parallel ranks; this machine has {n_dev} devices: using {n_dev}"
             ));
         }
-        if policy_workers > 1 {
-            warnings.push(
-                "several policy ranks need the c10d collectives, not in this build: using 1".into(),
-            );
-        }
-        let policy_workers = 1;
         // `[rollout.parallelism] n_init_replicas` rollout workers, spread over the devices.
         let rollout_workers = if kind == RunKind::Nft {
             c.rollout.parallelism.n_init_replicas.max(1) as usize

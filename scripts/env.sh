@@ -24,6 +24,8 @@ command -v nasm >/dev/null || need_apt+=(nasm)
 # Collectives (c10d/): torch's ProcessGroupGloo header includes Gloo's headers,
 # which the torch wheel does not ship.
 [ -f /usr/include/gloo/config.h ] || need_apt+=(libgloo-dev)
+# The Slurm launcher's test runs a one-node cluster (scripts/slurm_cluster.sh).
+command -v slurmctld >/dev/null || need_apt+=(slurm-wlm munge)
 if ((${#need_apt[@]})); then
     log "installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -22,6 +22,6 @@ cargo build -q --workspace --bins
 log "tests"
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # A missing reference fails the tests here instead of skipping.
-export SANA_PARITY_REQUIRED=1
+export SANA_PARITY_REQUIRED=1 SANA_SLURM_REQUIRED=1
 cargo nextest run --workspace --no-fail-fast "$@"
 log "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target/ is $(du -sh target | cut -f1)"

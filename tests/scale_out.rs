@@ -152,3 +152,131 @@ fn a_killed_policy_rank_is_named_and_max_restarts_finishes_the_run() {
         );
     }
 }
+
+/// Kills the processes a test started by hand, however it ends.
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Workers started by someone else, as Kubernetes starts the pods of
+/// `--render k8s`: reward service, gateway, 2 policy ranks and a rollout
+/// worker by hand, then `controller --attach-policy … --attach-rollout …`
+/// drives them through a run.
+#[test]
+fn the_controller_drives_workers_it_did_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (par, mini) = ranks_edits(2);
+    let cfg = demo_config(
+        dir.path(),
+        &dir.path().join("runs"),
+        &[
+            ("max_num_steps = 20", "max_num_steps = 3"),
+            ("\n[policy.lora]\n", &par),
+            ("mini_batch = 16", &mini),
+        ],
+    );
+    let run_dir = dir.path().join("runs/attached");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let spawn = |name: &str, cmd: &mut Command| {
+        let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+        cmd.current_dir(repo_root())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let (svc, gw, master) = (port(), port(), port());
+    let mut procs = Procs(Vec::new());
+    procs.0.push(spawn(
+        "reward-service",
+        Command::new(bin("reward-service")).args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &svc.to_string(),
+        ]),
+    ));
+    procs.0.push(spawn(
+        "reward-gateway",
+        Command::new(bin("reward-gateway"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--listen", &format!("127.0.0.1:{gw}")])
+            .env(
+                "REMOTE_REWARD_ENQUEUE_URL",
+                format!("http://127.0.0.1:{svc}/api/reward/enqueue"),
+            )
+            .env(
+                "REMOTE_REWARD_FETCH_URL",
+                format!("http://127.0.0.1:{svc}/api/reward/pull"),
+            ),
+    ));
+    let mut attach = Vec::new();
+    for rank in 0..2 {
+        let p = port();
+        procs.0.push(spawn(
+            &format!("policy-{rank}"),
+            Command::new(bin("policy-worker"))
+                .arg("--config")
+                .arg(&cfg)
+                .args(["--listen", &format!("127.0.0.1:{p}"), "--device", "cpu"])
+                .args(["--rank", &rank.to_string(), "--world-size", "2"])
+                .args(["--master", &format!("127.0.0.1:{master}")])
+                .args(["--total-steps", "3", "--output-dir"])
+                .arg(&run_dir)
+                .env("OMP_NUM_THREADS", "1"),
+        ));
+        attach.extend(["--attach-policy".to_string(), format!("127.0.0.1:{p}")]);
+    }
+    let r = port();
+    procs.0.push(spawn(
+        "rollout-0",
+        Command::new(bin("rollout-worker"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--listen", &format!("127.0.0.1:{r}"), "--device", "cpu"])
+            .args([
+                "--gateway",
+                &format!("http://127.0.0.1:{gw}"),
+                "--run-id",
+                "k8s",
+            ]),
+    ));
+    attach.extend(["--attach-rollout".to_string(), format!("127.0.0.1:{r}")]);
+    let res = controller(&cfg)
+        .args(&attach)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(metrics(&run_dir).len(), 3);
+    assert!(run_dir
+        .join("safetensors/step_3/adapter_model.safetensors")
+        .exists());
+    // The controller shut its workers down at the end, as it does its own.
+    for c in procs.0.iter_mut().skip(2) {
+        let status = c.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}

@@ -7,6 +7,7 @@
 pub mod download;
 pub mod launch;
 pub mod logs;
+pub mod placement;
 pub mod plan;
 pub mod render_k8s;
 pub mod tensorboard;
@@ -28,6 +29,7 @@ use tracing::Instrument;
 
 use launch::{bin, free_port, wait_for_port, Fleet};
 use logs::RunLog;
+use placement::{Launcher, Placement};
 use plan::{load_prompts, Plan, RewardSetup};
 use sana::data::prompts::epoch_order;
 
@@ -50,6 +52,13 @@ pub struct RunOptions {
     /// Relaunch the workers this many times after a failure, resuming from the
     /// last checkpoint.
     pub max_restarts: u32,
+    /// Local processes, or srun steps inside a Slurm allocation.
+    pub launcher: Launcher,
+    /// Policy ranks started elsewhere (Kubernetes pods), by address, rank order;
+    /// empty: the controller starts them.
+    pub attach_policies: Vec<String>,
+    /// Rollout workers started elsewhere, by address.
+    pub attach_rollouts: Vec<String>,
 }
 
 /// The controller's own resumable state, saved inside the policy checkpoint.
@@ -182,6 +191,7 @@ where
 async fn launch(
     opts: &RunOptions,
     plan: &Plan,
+    placement: &Placement,
     run_dir: &Path,
     run_id: &str,
 ) -> anyhow::Result<Job> {
@@ -190,54 +200,78 @@ async fn launch(
     let load = Duration::from_secs(1800);
 
     let world = plan.policy_workers.max(1);
-    let master = format!("127.0.0.1:{}", free_port()?);
+    // Rank 0 hosts the rendezvous store on its node.
+    let (_, master) = placement.server_addr(placement.node_of(0, world), free_port()?);
     let mut policy_addrs = Vec::new();
-    for rank in 0..world {
-        let name = format!("policy-worker-{rank}");
-        let p_addr = format!("127.0.0.1:{}", free_port()?);
-        let device = &plan.devices[rank % plan.devices.len()];
-        let mut cmd = Command::new(bin("policy-worker")?);
-        cmd.arg("--config")
-            .arg(&opts.config_path)
-            .args(["--listen", &p_addr, "--device", device])
-            .args([
-                "--rank",
-                &rank.to_string(),
-                "--world-size",
-                &world.to_string(),
-            ])
-            .args(["--master", &master])
-            .args(["--total-steps", &plan.total_steps.to_string()])
-            .arg("--output-dir")
-            .arg(run_dir)
-            .current_dir(&opts.base_dir);
-        if let Some(t) = opts.collective_timeout {
-            cmd.args(["--collective-timeout-secs", &t.as_secs().max(1).to_string()]);
+    if !opts.attach_policies.is_empty() {
+        // Started elsewhere (Kubernetes): rank i is the i-th address.
+        for (rank, addr) in opts.attach_policies.iter().enumerate() {
+            policy_addrs.push((format!("policy-worker-{rank}"), addr.clone()));
         }
-        if device == "cpu" && world > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
-            // CPU ranks on one machine share its cores instead of each taking all.
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            cmd.env("OMP_NUM_THREADS", (cores / world).max(1).to_string());
+    } else {
+        for rank in 0..world {
+            let name = format!("policy-worker-{rank}");
+            let node = placement.node_of(rank, world);
+            let (listen, p_addr) = placement.server_addr(node, free_port()?);
+            let device = &plan.devices[rank % plan.devices.len()];
+            let mut cmd = placement.command(node, &name, &bin("policy-worker")?);
+            cmd.arg("--config")
+                .arg(&opts.config_path)
+                .args(["--listen", &listen, "--device", device])
+                .args([
+                    "--rank",
+                    &rank.to_string(),
+                    "--world-size",
+                    &world.to_string(),
+                ])
+                .args(["--master", &master])
+                .args(["--total-steps", &plan.total_steps.to_string()])
+                .arg("--output-dir")
+                .arg(run_dir)
+                .current_dir(&opts.base_dir);
+            if let Some(t) = opts.collective_timeout {
+                cmd.args(["--collective-timeout-secs", &t.as_secs().max(1).to_string()]);
+            }
+            if device == "cpu" && world > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+                // CPU ranks on one machine share its cores instead of each taking all.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let per_node = world.div_ceil(placement.nodes());
+                cmd.env("OMP_NUM_THREADS", (cores / per_node).max(1).to_string());
+            }
+            trace_env(&mut cmd, opts);
+            fleet.spawn(&name, cmd, &logs)?;
+            policy_addrs.push((name, p_addr));
         }
-        trace_env(&mut cmd, opts);
-        fleet.spawn(&name, cmd, &logs)?;
-        policy_addrs.push((name, p_addr));
     }
 
     let mut rollouts = Vec::new();
     if plan.kind == RunKind::Nft {
-        let gw_addr = start_rewards(&fleet, opts, plan, &logs).await?;
         let mut addrs = Vec::new();
-        for rank in 0..plan.rollout_workers {
+        // Attached rollout workers already know their gateway.
+        let gw_addr = if opts.attach_rollouts.is_empty() {
+            start_rewards(&fleet, opts, plan, placement, &logs).await?
+        } else {
+            String::new()
+        };
+        for (rank, addr) in opts.attach_rollouts.iter().enumerate() {
+            addrs.push((format!("rollout-worker-{rank}"), addr.clone()));
+        }
+        let spawned = if opts.attach_rollouts.is_empty() {
+            plan.rollout_workers
+        } else {
+            0
+        };
+        for rank in 0..spawned {
             let name = format!("rollout-worker-{rank}");
-            let r_addr = format!("127.0.0.1:{}", free_port()?);
+            let node = placement.node_of(rank, plan.rollout_workers);
+            let (listen, r_addr) = placement.server_addr(node, free_port()?);
             let dev = &plan.devices[rank % plan.devices.len()];
-            let mut cmd = Command::new(bin("rollout-worker")?);
+            let mut cmd = placement.command(node, &name, &bin("rollout-worker")?);
             cmd.arg("--config")
                 .arg(&opts.config_path)
                 .args([
                     "--listen",
-                    &r_addr,
+                    &listen,
                     "--rank",
                     &rank.to_string(),
                     "--device",
@@ -300,6 +334,7 @@ async fn start_rewards(
     fleet: &Fleet,
     opts: &RunOptions,
     plan: &Plan,
+    placement: &Placement,
     logs: &Path,
 ) -> anyhow::Result<String> {
     let (enqueue, fetch) = match &plan.rewards {
@@ -317,11 +352,12 @@ async fn start_rewards(
             )
         }
     };
-    let gw_addr = format!("127.0.0.1:{}", free_port()?);
+    // On the controller's node; rollout workers on other nodes reach it there.
+    let (listen, gw_addr) = placement.local_server_addr(free_port()?);
     let mut cmd = Command::new(bin("reward-gateway")?);
     cmd.arg("--config")
         .arg(&opts.config_path)
-        .args(["--listen", &gw_addr])
+        .args(["--listen", &listen])
         .env("REMOTE_REWARD_ENQUEUE_URL", &enqueue)
         .env("REMOTE_REWARD_FETCH_URL", &fetch);
     fleet.spawn("reward-gateway", cmd, logs)?;
@@ -679,6 +715,8 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
         }
     });
 
+    let placement = Placement::detect(opts.launcher)?;
+    eprintln!("workers: {}", placement.describe());
     let mut cfg = cfg;
     let mut restarts = 0;
     loop {
@@ -686,6 +724,7 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
             &opts,
             &cfg,
             &plan,
+            &placement,
             &run_dir,
             &run_id,
             &prompts,
@@ -715,13 +754,14 @@ async fn run_once(
     opts: &RunOptions,
     cfg: &RunConfig,
     plan: &Plan,
+    placement: &Placement,
     run_dir: &Path,
     run_id: &str,
     prompts: &Option<PromptDataset>,
     val_prompts: &Option<PromptDataset>,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let mut job = launch(opts, plan, run_dir, run_id).await?;
+    let mut job = launch(opts, plan, placement, run_dir, run_id).await?;
     // A worker that is alive but stuck (a hung device, SIGSTOP) is caught here.
     // SANA_RL_HEARTBEAT_SECS: the period (default 5 s); six misses in a row stop the run.
     let beat = std::env::var("SANA_RL_HEARTBEAT_SECS")

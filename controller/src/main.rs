@@ -45,6 +45,21 @@ struct Args {
     /// say how to resume).
     #[arg(long, default_value_t = 0)]
     max_restarts: u32,
+    /// How workers start: `auto` runs them as srun steps inside a Slurm
+    /// allocation (SLURM_JOB_ID set, see deploy/slurm/) and as local
+    /// processes otherwise.
+    #[arg(long, value_enum, default_value_t = controller::placement::Launcher::Auto)]
+    launcher: controller::placement::Launcher,
+    /// A policy rank started elsewhere (a Kubernetes pod, see --render k8s),
+    /// as HOST:PORT; once per rank, in rank order. The controller then starts
+    /// no policy workers and waits for these to answer.
+    #[arg(long, value_name = "HOST:PORT")]
+    attach_policy: Vec<String>,
+    /// A rollout worker started elsewhere (HOST:PORT; repeat per worker). The
+    /// controller then starts no rollout workers, reward service or gateway:
+    /// the workers have their own --gateway.
+    #[arg(long, value_name = "HOST:PORT")]
+    attach_rollout: Vec<String>,
     /// Print the run as Kubernetes objects (multi-document YAML for
     /// `kubectl apply -f -`; see deploy/k8s/README.md) and exit.
     #[arg(long, value_enum, value_name = "TARGET")]
@@ -131,6 +146,9 @@ fn real_main(
             .collective_timeout_secs
             .map(std::time::Duration::from_secs),
         max_restarts: args.max_restarts,
+        launcher: args.launcher,
+        attach_policies: args.attach_policy,
+        attach_rollouts: args.attach_rollout,
     };
     rt.block_on(controller::run(opts, loaded.config, plan))
 }

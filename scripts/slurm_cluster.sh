@@ -29,13 +29,17 @@ for b in slurmctld slurmd munged sbatch srun; do
     }
 done
 
-if SLURM_CONF="$conf" sinfo -h >/dev/null 2>&1 && [ -f "$dir/slurmd.pid" ] && kill -0 "$(cat "$dir/slurmd.pid")" 2>/dev/null; then
+node_up() {
+    SLURM_CONF="$conf" sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'
+}
+
+if [ -f "$conf" ] && [ -f "$dir/slurmd.pid" ] && kill -0 "$(cat "$dir/slurmd.pid")" 2>/dev/null && node_up; then
     echo "$conf"
     exit 0
 fi
 
 # munge: one key per machine; the daemon may already run (systemd or an earlier test).
-if ! pgrep -x munged >/dev/null; then
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     [ -f /etc/munge/munge.key ] || { mkdir -p /etc/munge; dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null; }
     chown -R munge:munge /etc/munge 2>/dev/null || true
     chmod 400 /etc/munge/munge.key
@@ -51,9 +55,11 @@ fi
 node="$(hostname -s)"
 cpus="$(nproc)"
 mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
-# Ports away from Slurm's defaults, so a system cluster on this machine is untouched.
-ctld_port="${SANA_SLURMCTLD_PORT:-16817}"
-d_port="${SANA_SLURMD_PORT:-16818}"
+# Free ports, so neither a system cluster nor daemons left by an earlier run
+# (another DIR) get in the way.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+ctld_port="${SANA_SLURMCTLD_PORT:-$(free_port)}"
+d_port="${SANA_SLURMD_PORT:-$(free_port)}"
 mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 cat > "$conf" <<CONF
 ClusterName=sana-test
@@ -83,7 +89,7 @@ stop
 SLURM_CONF="$conf" slurmctld -f "$conf"
 SLURM_CONF="$conf" slurmd -f "$conf"
 for _ in $(seq 1 60); do
-    if SLURM_CONF="$conf" sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+    if node_up; then
         echo "$conf"
         exit 0
     fi

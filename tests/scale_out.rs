@@ -280,3 +280,64 @@ fn the_controller_drives_workers_it_did_not_start() {
         assert!(status.success(), "{status}");
     }
 }
+
+/// Full-weight SFT with its weights sharded over 2 policy ranks (FSDP: blocks
+/// gathered one at a time, gradients reduce-scattered, optimizer state
+/// sharded) follows the 1-rank run's losses and exports a transformer that
+/// diffusers loads.
+#[test]
+fn fsdp_sft_on_two_ranks_follows_one_rank_and_exports_for_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train");
+    python_script("make_sft_folder.py", &[data.as_os_str()]);
+    let local = format!("dataset.local_dir = {data:?}");
+    let mut losses = Vec::new();
+    for ranks in [1usize, 2] {
+        let d = dir.path().join(format!("r{ranks}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let par = format!("\n[policy.parallelism]\ndp_shard_size = {ranks}\n\n[train]\n");
+        let mini = format!("mini_batch = {}", 2 / ranks);
+        let cfg = config_from(
+            "tiny-image-sft.toml",
+            "./out/runs/tiny-image-sft",
+            &d,
+            &d.join("runs"),
+            &[
+                ("dataset.local_dir = \"out/sft-demo/train\"", &local),
+                ("max_num_steps = 24", "max_num_steps = 6"),
+                ("\n[train]\n", &par),
+                ("mini_batch = 2", &mini),
+            ],
+        );
+        let res = controller(&cfg).output().unwrap();
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(res.status.success(), "{ranks} ranks:\n{stderr}");
+        let run = only_run_dir(&d.join("runs"));
+        if ranks == 2 {
+            let log = std::fs::read_to_string(run.join("logs/policy-worker-1.log")).unwrap();
+            assert!(log.contains("FSDP: this rank holds"), "{log}");
+            let report = python_script(
+                "check_export_loads.py",
+                &[
+                    tiny_pipeline().as_os_str(),
+                    run.join("safetensors/step_6").as_os_str(),
+                ],
+            );
+            eprintln!("FSDP export: {report}");
+        }
+        losses.push(
+            metrics(&run)
+                .iter()
+                .map(|m| m["loss"].as_f64().unwrap())
+                .collect::<Vec<_>>(),
+        );
+    }
+    eprintln!(
+        "loss, 1 rank: {:?}\nloss, 2 ranks FSDP: {:?}",
+        losses[0], losses[1]
+    );
+    assert_eq!(losses[1].len(), 6);
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{a} vs {b}");
+    }
+}

@@ -83,8 +83,9 @@ fn the_demo_runs_as_an_sbatch_job_with_srun_workers() {
     );
     let job_out = dir.path().join("job.out");
     let bin_dir = bin("controller").parent().unwrap().to_path_buf();
-    let res = Command::new("sbatch")
-        .arg("--wait")
+    // A node that never takes the job must fail the test, not hang it.
+    let res = Command::new("timeout")
+        .args(["900", "sbatch", "--wait", "--time=15"])
         .arg(format!("--output={}", job_out.display()))
         .arg(format!("--chdir={}", repo_root().display()))
         .arg(repo_root().join("deploy/slurm/sana-rl.sbatch"))

@@ -255,6 +255,11 @@ impl ProcessGroup {
             .map(|a| cstr(a, "local address"))
             .transpose()?;
         let prefix = cstr(&rdv.prefix, "store prefix")?;
+        if backend == Backend::Nccl && std::env::var_os("TORCH_NCCL_BLOCKING_WAIT").is_none() {
+            // Without it NCCL's wait() returns at once and a timeout aborts the
+            // process from the watchdog instead of failing the call.
+            std::env::set_var("TORCH_NCCL_BLOCKING_WAIT", "1");
+        }
         let span =
             tracing::info_span!("c10d_init", %backend, rank = rdv.rank, world = rdv.world_size);
         let _e = span.enter();
@@ -358,8 +363,9 @@ impl ProcessGroup {
     }
 
     /// Starts an in-place all-reduce of `t`; the returned [`Work`] borrows it until waited.
-    pub fn all_reduce_async<'a>(&self, t: &'a mut Tensor, op: ReduceOp) -> Result<Work<'a>> {
+    pub fn all_reduce_async<'a>(&'a self, t: &'a mut Tensor, op: ReduceOp) -> Result<Work<'a>> {
         self.check("all_reduce", t)?;
+        self.check_avg("all_reduce", op, t)?;
         // Gloo has no AVG: sum, then divide once the sum has landed.
         let (code, divide) = match (op, self.backend) {
             (ReduceOp::Avg, Backend::Gloo) => (ReduceOp::Sum.code(), Some(t.shallow_clone())),
@@ -392,7 +398,11 @@ impl ProcessGroup {
     }
 
     /// `out` (world × `input`'s elements) receives every rank's `input`, in rank order.
-    pub fn all_gather_async<'a>(&self, out: &'a mut Tensor, input: &'a Tensor) -> Result<Work<'a>> {
+    pub fn all_gather_async<'a>(
+        &'a self,
+        out: &'a mut Tensor,
+        input: &'a Tensor,
+    ) -> Result<Work<'a>> {
         self.check("all_gather", out)?;
         self.check("all_gather", input)?;
         self.sizes_fit("all_gather", out.numel(), input.numel())?;
@@ -415,12 +425,13 @@ impl ProcessGroup {
 
     /// `input` holds world parts of `out`'s size; rank r receives the reduction of part r.
     pub fn reduce_scatter_async<'a>(
-        &self,
+        &'a self,
         out: &'a mut Tensor,
         input: &'a Tensor,
         op: ReduceOp,
     ) -> Result<Work<'a>> {
         self.check("reduce_scatter", out)?;
+        self.check_avg("reduce_scatter", op, out)?;
         self.check("reduce_scatter", input)?;
         self.sizes_fit("reduce_scatter", input.numel(), out.numel())?;
         let (code, divide) = match (op, self.backend) {
@@ -449,6 +460,19 @@ impl ProcessGroup {
         let mut err = std::ptr::null_mut();
         let raw = unsafe { ffi::sana_c10d_barrier(self.raw.as_ptr(), &mut err) };
         self.started("barrier", raw, err, None)?.wait()
+    }
+
+    /// A mean is only defined for floating-point tensors.
+    fn check_avg(&self, op: &'static str, r: ReduceOp, t: &Tensor) -> Result<()> {
+        if r == ReduceOp::Avg && !t.is_floating_point() {
+            return Err(Error::Usage(format!(
+                "rank {} of {}: {op}: Avg needs a floating-point tensor, not {:?}",
+                self.rank,
+                self.world,
+                t.kind()
+            )));
+        }
+        Ok(())
     }
 
     fn sizes_fit(&self, op: &'static str, whole: usize, part: usize) -> Result<()> {
@@ -512,10 +536,15 @@ impl Work<'_> {
                 message: take_err(err),
             });
         }
-        if let Some(mut t) = self.divide.take() {
-            let _ = t.g_div_scalar_(self.world as f64);
-        }
+        self.finish_avg();
         Ok(())
+    }
+
+    /// Gloo's emulated Avg: the sum has landed, divide it.
+    fn finish_avg(&mut self) {
+        if let Some(mut t) = self.divide.take() {
+            let _ = t.f_div_scalar_(self.world as f64);
+        }
     }
 }
 
@@ -523,11 +552,15 @@ impl Drop for Work<'_> {
     fn drop(&mut self) {
         if let Some(raw) = self.raw.take() {
             let mut err = std::ptr::null_mut();
+            let ok = unsafe { ffi::sana_c10d_wait(raw.as_ptr(), 0, &mut err) } != 0;
             unsafe {
-                if ffi::sana_c10d_wait(raw.as_ptr(), 0, &mut err) == 0 {
+                if !ok {
                     ffi::sana_c10d_free_string(err);
                 }
                 ffi::sana_c10d_work_free(raw.as_ptr());
+            }
+            if ok {
+                self.finish_avg();
             }
         }
     }

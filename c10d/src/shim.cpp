@@ -183,7 +183,13 @@ int sana_c10d_wait(sana_work* w, int64_t timeout_ms, char** err) {
   });
 }
 
-int sana_c10d_is_completed(sana_work* w) { return w->work->isCompleted() ? 1 : 0; }
+int sana_c10d_is_completed(sana_work* w) {
+  try {
+    return w->work->isCompleted() ? 1 : 0;
+  } catch (...) {
+    return 1;  // finished, with an error that wait() reports
+  }
+}
 
 void sana_c10d_work_free(sana_work* w) { delete w; }
 

@@ -1,7 +1,6 @@
 //! Local processes of a run: spawned with their output in `<run>/logs/`,
 //! watched so a death is reported at once with its last log lines.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -62,7 +61,16 @@ impl Fleet {
     pub fn spawn(&self, name: &str, mut cmd: Command, log_dir: &Path) -> anyhow::Result<u32> {
         std::fs::create_dir_all(log_dir)?;
         let log = log_dir.join(format!("{name}.log"));
-        let f = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        // Appended: after a restart the log still holds why the last attempt died.
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        if f.metadata().map_or(0, |m| m.len()) > 0 {
+            use std::io::Write;
+            writeln!(f, "\n==== {name} started again ====")?;
+        }
         cmd.stdout(Stdio::from(f.try_clone()?))
             .stderr(Stdio::from(f))
             .stdin(Stdio::null());

@@ -189,13 +189,13 @@ where
 /// DiffusionNFT, the reward service (embedded unless REMOTE_REWARD_* point
 /// elsewhere), the gateway and the rollout workers.
 async fn launch(
+    fleet: Fleet,
     opts: &RunOptions,
     plan: &Plan,
     placement: &Placement,
     run_dir: &Path,
     run_id: &str,
 ) -> anyhow::Result<Job> {
-    let fleet = Fleet::default();
     let logs = run_dir.join("logs");
     let load = Duration::from_secs(1800);
 
@@ -204,6 +204,13 @@ async fn launch(
     let (_, master) = placement.server_addr(placement.node_of(0, world), free_port()?);
     let mut policy_addrs = Vec::new();
     if !opts.attach_policies.is_empty() {
+        if opts.attach_policies.len() != world {
+            bail!(
+                "{} --attach-policy addresses for a run of {world} policy ranks \
+                 ([policy.parallelism]): give one per rank, in rank order",
+                opts.attach_policies.len()
+            );
+        }
         // Started elsewhere (Kubernetes): rank i is the i-th address.
         for (rank, addr) in opts.attach_policies.iter().enumerate() {
             policy_addrs.push((format!("policy-worker-{rank}"), addr.clone()));
@@ -229,6 +236,9 @@ async fn launch(
                 .arg("--output-dir")
                 .arg(run_dir)
                 .current_dir(&opts.base_dir);
+            if let Some(a) = placement.node_addr(node) {
+                cmd.args(["--local-addr", &a]);
+            }
             if let Some(t) = opts.collective_timeout {
                 cmd.args(["--collective-timeout-secs", &t.as_secs().max(1).to_string()]);
             }
@@ -446,6 +456,18 @@ where
     F: Fn(PolicyWorkerClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    let mut answers = each_policy(job, what, call).await?.into_iter();
+    answers.next().context("no policy worker")
+}
+
+/// Every policy rank's answer to the same call, in rank order. The first
+/// failure ends the wait: the other ranks may be blocked in a collective with
+/// the failed one, and the run is stopping anyway.
+async fn each_policy<T, F, Fut>(job: &Job, what: &str, call: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(PolicyWorkerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let calls = job.policies.iter().map(|(name, p)| {
         let fut = call(p.clone());
         let what = if job.policies.len() > 1 {
@@ -455,12 +477,7 @@ where
         };
         async move { guarded(&job.fleet, &what, fut).await }
     });
-    let mut answers = futures::future::join_all(calls).await.into_iter();
-    let first = answers.next().context("no policy worker")??;
-    for a in answers {
-        a?;
-    }
-    Ok(first)
+    futures::future::try_join_all(calls).await
 }
 
 /// The policy rank that answers for all (weights, checkpoints: every rank holds the same).
@@ -476,16 +493,17 @@ async fn checkpoint(
     wait: bool,
 ) -> anyhow::Result<CheckpointReply> {
     let step = state.step;
-    guarded(
-        &job.fleet,
-        &format!("step {step}: checkpoint"),
-        policy0(job).checkpoint(CheckpointRequest {
-            step,
-            controller_state_json: serde_json::to_string(state)?,
-            export,
-            wait,
-        }),
-    )
+    // All ranks: sharded (FSDP) ranks gather the weights together; rank 0 writes.
+    let request = CheckpointRequest {
+        step,
+        controller_state_json: serde_json::to_string(state)?,
+        export,
+        wait,
+    };
+    all_policies(job, &format!("step {step}: checkpoint"), |mut p| {
+        let request = request.clone();
+        async move { p.checkpoint(request).await }
+    })
     .await
 }
 
@@ -717,6 +735,12 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
 
     let placement = Placement::detect(opts.launcher)?;
     eprintln!("workers: {}", placement.describe());
+    if placement.nodes() > 1 && plan.devices.iter().any(|d| d != "cpu") {
+        // The plan counted this node's GPUs; the allocation has as many on each node.
+        let all = plan.devices.len() * placement.nodes();
+        let dp = cfg.policy.parallelism.dp_world(all as i64).max(1) as usize;
+        plan.policy_workers = dp.min(all);
+    }
     let mut cfg = cfg;
     let mut restarts = 0;
     loop {
@@ -761,7 +785,16 @@ async fn run_once(
     val_prompts: &Option<PromptDataset>,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let mut job = launch(opts, plan, placement, run_dir, run_id).await?;
+    // A launch that fails half way stops what it started before the error goes up
+    // (a restart must not find the old workers holding devices and ports).
+    let fleet = Fleet::default();
+    let mut job = match launch(fleet.clone(), opts, plan, placement, run_dir, run_id).await {
+        Ok(job) => job,
+        Err(e) => {
+            fleet.stop_all(Duration::from_secs(20));
+            return Err(e);
+        }
+    };
     // A worker that is alive but stuck (a hung device, SIGSTOP) is caught here.
     // SANA_RL_HEARTBEAT_SECS: the period (default 5 s); six misses in a row stop the run.
     let beat = std::env::var("SANA_RL_HEARTBEAT_SECS")
@@ -928,10 +961,32 @@ async fn resume_state(
     if matches!(cfg.train.resume, BoolOrString::Bool(false)) {
         return Ok(ControllerState::default());
     }
-    let r = all_policies(job, "resuming", |mut p| async move {
+    let replies = each_policy(job, "resuming", |mut p| async move {
         p.resume(ResumeRequest {}).await
     })
     .await?;
+    // Every rank must stand at the same step, or their updates would differ
+    // (e.g. an output directory not shared between nodes).
+    for (reply, (name, _)) in replies.iter().zip(&job.policies).skip(1) {
+        if (reply.found, reply.step) != (replies[0].found, replies[0].step) {
+            bail!(
+                "{name} resumed {} but policy-worker-0 resumed {}: every rank must see \
+                 the same checkpoints directory ({})",
+                if reply.found {
+                    format!("step {}", reply.step)
+                } else {
+                    "nothing".into()
+                },
+                if replies[0].found {
+                    format!("step {}", replies[0].step)
+                } else {
+                    "nothing".into()
+                },
+                run_dir.join("checkpoints").display()
+            );
+        }
+    }
+    let r = replies.into_iter().next().context("no policy worker")?;
     for s in &r.skipped {
         eprintln!("warning: checkpoint not usable, passed over: {s}");
     }

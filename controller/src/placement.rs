@@ -146,6 +146,14 @@ impl Placement {
         }
     }
 
+    /// The address of `node` that peers reach (None locally: loopback suffices).
+    pub fn node_addr(&self, node: usize) -> Option<String> {
+        match self {
+            Placement::Local => None,
+            Placement::Slurm { nodes, .. } => Some(nodes[node].addr.clone()),
+        }
+    }
+
     /// `(listen, reach)` for a server the controller runs on its own node.
     pub fn local_server_addr(&self, port: u16) -> (String, String) {
         match self {

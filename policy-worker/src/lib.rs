@@ -29,6 +29,7 @@ use sana::training::nft_trainer::{NftBatch, NftTrainer, OLD_ADAPTER, TRAINED_ADA
 use sana::training::parallel::DataParallel;
 use sana::training::sft::SftTimesteps;
 use sana::training::sft_trainer::{SftBatch as SftTensors, SftTrainer};
+use sana::training::trainable::TrainTarget;
 use tch::{Device, Kind};
 use tensor_wire::{take, to_wire};
 use tonic::{Request, Response, Status};
@@ -50,6 +51,9 @@ pub struct WorkerSetup {
     pub world_size: u32,
     /// Rank 0's rendezvous `host:port`.
     pub master: Option<String>,
+    /// The address this rank's Gloo binds and peers reach it by (None: loopback
+    /// when the master is local, else this host's name).
+    pub local_addr: Option<String>,
     /// Bounds every collective: a dead rank is an error within it.
     pub collective_timeout: std::time::Duration,
     pub device: Device,
@@ -65,12 +69,12 @@ pub struct WorkerSetup {
 enum Job {
     Nft {
         model: Box<SanaTransformer2DModel>,
-        trainer: NftTrainer,
+        trainer: Box<NftTrainer>,
     },
     /// SFT needs the VAE and text encoder too: samples are encoded here.
     Sft {
         pipeline: Box<SanaPipeline>,
-        trainer: SftTrainer,
+        trainer: Box<SftTrainer>,
         folder: ImageFolder,
         size: i64,
         prompts: PromptOptions,
@@ -145,9 +149,24 @@ fn data_parallel(setup: &WorkerSetup) -> anyhow::Result<DataParallel> {
         .with_context(|| format!("--master {master:?} is not host:port"))?;
     let mut rdv = Rendezvous::new(host, port, setup.rank as usize, setup.world_size as usize);
     rdv.timeout = setup.collective_timeout;
-    // Ranks on one host meet on loopback; across hosts Gloo binds this host's name.
-    if host == "localhost" || host.starts_with("127.") {
-        rdv.local_addr = Some("127.0.0.1".into());
+    // Gloo binds the address the controller placed us at; ranks on one host
+    // meet on loopback; else this host's name (which Debian may map to 127.0.1.1).
+    rdv.local_addr = match &setup.local_addr {
+        Some(a) => Some(a.clone()),
+        None if host == "localhost" || host.starts_with("127.") => Some("127.0.0.1".into()),
+        None => None,
+    };
+    // Dropout draws from the generator every rank must keep in step (shared
+    // shuffles and noise); a rank's slice size would move it.
+    if let Some(l) = &setup.config.policy.lora {
+        if l.lora_dropout > 0.0 {
+            anyhow::bail!(
+                "policy.lora.lora_dropout = {} with {} data-parallel ranks: dropout would \
+                 put the ranks' random draws out of step; set it to 0 or use one rank",
+                l.lora_dropout,
+                setup.world_size
+            );
+        }
     }
     let backend = Backend::for_device(setup.device);
     let started = Instant::now();
@@ -160,7 +179,7 @@ fn data_parallel(setup: &WorkerSetup) -> anyhow::Result<DataParallel> {
         secs = started.elapsed().as_secs_f64(),
         "joined the data-parallel group"
     );
-    Ok(DataParallel::new(group, reduce))
+    Ok(DataParallel::new(group, reduce, setup.device))
 }
 
 /// Builds the model, adapters and trainer (minutes for a large model: done before serving).
@@ -184,7 +203,7 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
             trainer.dp = data_parallel(setup)?;
             Job::Nft {
                 model: Box::new(model),
-                trainer,
+                trainer: Box::new(trainer),
             }
         }
         RunKind::Sft => {
@@ -193,12 +212,27 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
             add_trained_adapter(&mut pipeline.transformer, c, &setup.base_dir)?;
             let dpm = DPMSolverMultistepConfig::from_json_file(&pipeline.scheduler_config)?;
             let timesteps = SftTimesteps::new(&dpm, c.policy.diffusers.train_flow_shift)?;
-            let mut trainer = SftTrainer::new(
-                &mut pipeline.transformer,
-                sft_trainer_config(c, setup.total_steps)?,
-                timesteps,
-            )?;
-            trainer.dp = data_parallel(setup)?;
+            let config = sft_trainer_config(c, setup.total_steps)?;
+            let dp = data_parallel(setup)?;
+            // Full weights over several ranks shard (FSDP) unless the config asks
+            // for pure replication (dp_shard_size = 1); a LoRA replicates.
+            let shard = dp.world_size() > 1
+                && config.target == TrainTarget::Full
+                && c.policy.parallelism.dp_shard_size != 1;
+            let trainer = if shard {
+                SftTrainer::new_fsdp(
+                    &mut pipeline.transformer,
+                    config,
+                    timesteps,
+                    dp,
+                    kind_of(&c.train.param_dtype)?,
+                    c.train.fsdp_reshard_after_forward != "false",
+                )?
+            } else {
+                let mut t = SftTrainer::new(&mut pipeline.transformer, config, timesteps)?;
+                t.dp = dp;
+                t
+            };
             let folder =
                 ImageFolder::open(&setup.base_dir.join(&c.train.train_policy.dataset.local_dir))?;
             if folder.unpaired > 0 {
@@ -209,7 +243,7 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
             }
             Job::Sft {
                 pipeline: Box::new(pipeline),
-                trainer,
+                trainer: Box::new(trainer),
                 folder,
                 size: c.policy.diffusers.inference_size[0],
                 prompts: PromptOptions {
@@ -450,7 +484,14 @@ impl PolicyWorker for PolicyService {
     ) -> Result<Response<CheckpointReply>, Status> {
         let req = req.into_inner();
         let out = self.setup.output_dir.clone();
+        let rank0 = self.setup.rank == 0;
         self.with_state(format!("checkpointing step {}", req.step), move |s| {
+            // Every rank holds the same weights, so rank 0 writes; sharded
+            // (FSDP) ranks all take part in gathering them.
+            let sharded = matches!(&s.job, Job::Sft { trainer, .. } if trainer.fsdp.is_some());
+            if !rank0 && !sharded {
+                return Ok(Response::new(CheckpointReply::default()));
+            }
             let data: serde_json::Value = if req.controller_state_json.is_empty() {
                 serde_json::Value::Null
             } else {
@@ -459,21 +500,24 @@ impl PolicyWorker for PolicyService {
             };
             let state: TrainingState = match &s.job {
                 Job::Nft { model, trainer } => trainer.state(model, data).map_err(internal)?,
-                Job::Sft { trainer, .. } => trainer.state(data),
+                Job::Sft { trainer, .. } => trainer.state(data).map_err(internal)?,
             };
-            s.ckpt.save(&state).map_err(internal)?;
+            if rank0 {
+                s.ckpt.save(&state).map_err(internal)?;
+                if req.wait {
+                    s.ckpt.wait().map_err(internal)?;
+                }
+            }
             let path = s
                 .ckpt
                 .root()
                 .join(sana::training::checkpoint::step_dir_name(state.step));
-            if req.wait {
-                s.ckpt.wait().map_err(internal)?;
-            }
             let mut export_path = String::new();
             if req.export {
                 let dir = out.join("safetensors").join(format!("step_{}", state.step));
                 match &s.job {
-                    Job::Nft { model, trainer } => trainer.export_adapter(model, &dir),
+                    Job::Nft { model, trainer } if rank0 => trainer.export_adapter(model, &dir),
+                    Job::Nft { .. } => Ok(()),
                     // Full weights: a diffusers transformer/ folder in param_dtype.
                     Job::Sft {
                         pipeline,

@@ -23,6 +23,10 @@ struct Args {
     /// host:port of rank 0's rendezvous store (with --world-size > 1); rank 0 binds it.
     #[arg(long)]
     master: Option<String>,
+    /// This host's address for the collectives (the controller passes the node's
+    /// address under Slurm; on Kubernetes the pod IP).
+    #[arg(long, env = "SANA_RL_LOCAL_ADDR")]
+    local_addr: Option<String>,
     /// Seconds a collective may wait for the other ranks before this worker
     /// reports the group broken.
     #[arg(long, default_value_t = 600)]
@@ -50,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         rank: args.rank,
         world_size: args.world_size,
         master: args.master,
+        local_addr: args.local_addr,
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout_secs),
         device: sana::config::runtime::parse_device(&args.device)?,
         total_steps: args.total_steps,

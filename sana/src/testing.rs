@@ -153,7 +153,12 @@ pub fn run_parity_check(script: &str, args: &[&std::ffi::OsStr], what: &str) -> 
 /// Starts `world` copies of this test binary running the ignored test `test`
 /// as ranks of one Gloo group (see [`rank_env`]) and waits for them; returns
 /// each rank's output path stem (`<dir>/w<world>_rank<r>`).
-pub fn spawn_ranks(test: &str, world: usize, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub fn spawn_ranks(
+    test: &str,
+    world: usize,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Vec<std::path::PathBuf> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -179,6 +184,7 @@ pub fn spawn_ranks(test: &str, world: usize, dir: &std::path::Path) -> Vec<std::
                 .env("SANA_TEST_WORLD", world.to_string())
                 .env("SANA_TEST_PORT", port.to_string())
                 .env("SANA_TEST_OUT", out)
+                .envs(env.iter().copied())
                 .spawn()
                 .unwrap()
         })
@@ -207,7 +213,7 @@ pub fn rank_env() -> Option<(crate::training::parallel::DataParallel, std::path:
     };
     let group = c10d::ProcessGroup::new(c10d::Backend::Gloo, &rdv).unwrap();
     Some((
-        crate::training::parallel::DataParallel::new(group, tch::Kind::Float),
+        crate::training::parallel::DataParallel::new(group, tch::Kind::Float, tch::Device::Cpu),
         out.into(),
     ))
 }

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod ema;
+pub mod fsdp;
 pub mod lr_schedule;
 pub mod nft;
 pub mod nft_trainer;

@@ -98,10 +98,13 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         if grads.is_empty() {
             return 0.0;
         }
-        let norms: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.norm().to_kind(Kind::Float))
-            .collect();
+        // fp32 norms, fp64 ones for fp64 gradients (torch keeps the grads' dtype).
+        let kind = if grads.iter().all(|g| g.kind() == Kind::Double) {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm().to_kind(kind)).collect();
         let total = Tensor::stack(&norms, 0).norm();
         let total_f = total.double_value(&[]);
         if max_norm > 0.0 {

@@ -18,6 +18,8 @@ pub struct DataParallel {
     group: Option<ProcessGroup>,
     /// `train.fsdp_reduce_dtype`: the dtype gradients are summed in.
     reduce_kind: Option<Kind>,
+    /// This rank's device: NCCL reduces there (each rank its own GPU).
+    device: Option<tch::Device>,
 }
 
 fn collective(e: c10d::Error) -> SanaError {
@@ -30,16 +32,23 @@ impl DataParallel {
         Self::default()
     }
 
-    pub fn new(group: ProcessGroup, reduce_kind: Kind) -> Self {
+    /// `device`: the model's, where gradients (and, on NCCL, metrics) are reduced.
+    pub fn new(group: ProcessGroup, reduce_kind: Kind, device: tch::Device) -> Self {
         Self {
             group: Some(group),
             reduce_kind: Some(reduce_kind),
+            device: Some(device),
         }
     }
 
     /// Changes the dtype gradients are summed in.
     pub fn set_reduce_kind(&mut self, kind: Kind) {
         self.reduce_kind = Some(kind);
+    }
+
+    /// The dtype gradients are summed in (`fsdp_reduce_dtype`; fp32 alone).
+    pub fn reduce_kind(&self) -> Kind {
+        self.reduce_kind.unwrap_or(Kind::Float)
     }
 
     pub fn rank(&self) -> usize {
@@ -106,7 +115,11 @@ impl DataParallel {
         if values.is_empty() {
             return Ok(());
         }
-        let mut t = Tensor::from_slice(values).to_device(group_device(group));
+        let device = match group.backend() {
+            c10d::Backend::Nccl => self.device.unwrap_or(tch::Device::Cuda(0)),
+            c10d::Backend::Gloo => tch::Device::Cpu,
+        };
+        let mut t = Tensor::from_slice(values).to_device(device);
         group.all_reduce(&mut t, op).map_err(collective)?;
         let back = Vec::<f64>::try_from(t.to_device(tch::Device::Cpu)).map_err(SanaError::from)?;
         values.copy_from_slice(&back);
@@ -119,14 +132,6 @@ pub fn rank_slice(rank: usize, world: usize, n: i64) -> (i64, i64) {
     let (r, w) = (rank as i64, world.max(1) as i64);
     let (base, extra) = (n / w, n % w);
     (r * base + r.min(extra), base + i64::from(r < extra))
-}
-
-/// NCCL reduces CUDA tensors only.
-fn group_device(group: &ProcessGroup) -> tch::Device {
-    match group.backend() {
-        c10d::Backend::Nccl => tch::Device::Cuda(0),
-        c10d::Backend::Gloo => tch::Device::Cpu,
-    }
 }
 
 #[cfg(test)]
@@ -242,7 +247,7 @@ mod tests {
 
     /// `STEPS` full-weight SFT steps on a tiny model, every rank with the same
     /// 6-sample batch; global mini batches of 4 then 2.
-    fn sft_steps(mut dp: DataParallel, kind: Kind, out: &Path) -> DataParallel {
+    fn sft_steps(mut dp: DataParallel, kind: Kind, out: &Path, fsdp: bool) -> DataParallel {
         use crate::schedulers::DPMSolverMultistepConfig;
         use crate::training::lr_schedule::{DecayType, LrSchedule};
         use crate::training::optim::AdamWConfig;
@@ -275,18 +280,51 @@ mod tests {
             seed: 5,
         };
         let timesteps = SftTimesteps::new(&DPMSolverMultistepConfig::sana(), 3.0).unwrap();
-        let mut trainer = SftTrainer::new(&mut model, cfg, timesteps).unwrap();
-        trainer.dp = dp;
+        let mut trainer = if fsdp {
+            SftTrainer::new_fsdp(&mut model, cfg, timesteps, dp, kind, true).unwrap()
+        } else {
+            let mut t = SftTrainer::new(&mut model, cfg, timesteps).unwrap();
+            t.dp = dp;
+            t
+        };
         let metrics: Vec<serde_json::Value> = (0..STEPS)
             .map(|_| serde_json::to_value(trainer.train_step(&model, &batch).unwrap()).unwrap())
             .collect();
-        let state = trainer.state(serde_json::Value::Null);
+        // Elements held between steps: the model's weights (empty while sharded),
+        // gradients, AdamW moments, EMA, and FSDP's master shards.
+        let numel = |ts: &[Tensor]| ts.iter().map(|t| t.numel()).sum::<usize>();
+        let grads = |ts: &[Tensor]| {
+            ts.iter()
+                .map(|t| t.grad())
+                .filter(|g| g.defined())
+                .map(|g| g.numel())
+                .sum::<usize>()
+        };
+        let vars: Vec<Tensor> = model.vs.variables().into_values().collect();
+        let opt = &trainer.params.optimizer;
+        let mut held = numel(&vars) + grads(&vars) + numel(&opt.exp_avg) + numel(&opt.exp_avg_sq);
+        held += trainer.params.ema.as_ref().map_or(0, |e| numel(&e.shadow));
+        if trainer.fsdp.is_some() {
+            held += numel(&opt.params) + grads(&opt.params);
+        }
+        std::fs::write(out.with_extension("held"), held.to_string()).unwrap();
+        let state = trainer.state(serde_json::Value::Null).unwrap();
         Tensor::write_safetensors(&state.tensors, out.with_extension("safetensors")).unwrap();
         std::fs::write(
             out.with_extension("json"),
             serde_json::to_string(&metrics).unwrap(),
         )
         .unwrap();
+        // A checkpoint written by another world size (SANA_TEST_RESTORE: one
+        // rank's state) restores into this one's shards; its state reads back.
+        if let Ok(from) = std::env::var("SANA_TEST_RESTORE") {
+            let mut st = trainer.state(serde_json::Value::Null).unwrap();
+            st.tensors = Tensor::read_safetensors(&from).unwrap();
+            trainer.restore(st, Path::new(&from)).unwrap();
+            let back = trainer.state(serde_json::Value::Null).unwrap();
+            Tensor::write_safetensors(&back.tensors, out.with_extension("restored.safetensors"))
+                .unwrap();
+        }
         std::mem::take(&mut trainer.dp)
     }
 
@@ -296,7 +334,8 @@ mod tests {
         let Some((dp, out)) = rank_env() else {
             return;
         };
-        sft_steps(dp, Kind::Double, &suffixed(&out, "f64"));
+        let fsdp = std::env::var("SANA_TEST_FSDP").is_ok();
+        sft_steps(dp, Kind::Double, &suffixed(&out, "f64"), fsdp);
     }
 
     /// Full-weight SFT over 2 ranks equals one rank on the same global batch
@@ -305,14 +344,73 @@ mod tests {
     fn sft_steps_on_2_ranks_equal_one_rank() {
         let dir = tempfile::tempdir().unwrap();
         let one = suffixed(&dir.path().join("one"), "f64");
-        sft_steps(DataParallel::single(), Kind::Double, &one);
+        sft_steps(DataParallel::single(), Kind::Double, &one, false);
         let test = "training::parallel::tests::sft_rank_process";
-        for (rank, stem) in spawn_ranks(test, 2, dir.path()).iter().enumerate() {
+        for (rank, stem) in spawn_ranks(test, 2, dir.path(), &[]).iter().enumerate() {
             let (t, m) = worst_errors(&suffixed(stem, "f64"), &one);
             eprintln!("SFT, 2 ranks, rank {rank}: worst relative error {t:.2e} over the state, {m:.2e} over the metrics");
             // The SFT loss itself is taken in fp32 (as diffusers does), so the
             // reported loss differs by fp32 rounding (measured ~9e-9).
             assert!(t <= 1e-10 && m <= 1e-6, "rank {rank}");
+        }
+    }
+
+    /// FSDP full-weight SFT over 2 and 4 ranks (weights, gradients, moments
+    /// and EMA sharded; blocks gathered one at a time and recomputed for the
+    /// backward) equals one unsharded rank on the same global batch, and each
+    /// rank holds about 1/N of the unsharded weights + gradients + optimizer;
+    /// a 1-rank checkpoint restores into 2 and 4 ranks' shards exactly.
+    #[test]
+    fn fsdp_sft_on_2_and_4_ranks_equals_one_rank_at_a_fraction_of_the_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = suffixed(&dir.path().join("one"), "f64");
+        sft_steps(DataParallel::single(), Kind::Double, &one, false);
+        let held = |stem: &Path| -> f64 {
+            std::fs::read_to_string(stem.with_extension("held"))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let test = "training::parallel::tests::sft_rank_process";
+        for world in [2usize, 4] {
+            let sub = dir.path().join(format!("fsdp{world}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let restore = one.with_extension("safetensors");
+            let env = [
+                ("SANA_TEST_FSDP", "1"),
+                ("SANA_TEST_RESTORE", restore.to_str().unwrap()),
+            ];
+            let stems = spawn_ranks(test, world, &sub, &env);
+            for (rank, stem) in stems.iter().enumerate() {
+                let stem = suffixed(stem, "f64");
+                let (t, m) = worst_errors(&stem, &one);
+                let ratio = held(&stem) / held(&one);
+                eprintln!(
+                    "FSDP, {world} ranks, rank {rank}: worst relative error {t:.2e} over the \
+                     state, {m:.2e} over the metrics; holds {ratio:.3} of one rank's \
+                     weights + gradients + optimizer elements"
+                );
+                assert!(t <= 1e-10 && m <= 1e-6, "{world} ranks, rank {rank}");
+                assert!(
+                    ratio <= 0.6 / (world as f64 / 2.0),
+                    "{world} ranks: {ratio}"
+                );
+                // The 1-rank checkpoint, loaded into this rank's shards and
+                // gathered back, is itself (checkpoints move across world sizes).
+                let want = Tensor::read_safetensors(&restore).unwrap();
+                let got: HashMap<String, Tensor> =
+                    Tensor::read_safetensors(stem.with_extension("restored.safetensors"))
+                        .unwrap()
+                        .into_iter()
+                        .collect();
+                assert_eq!(got.len(), want.len());
+                for (name, w) in &want {
+                    assert!(
+                        rel(&got[name], w) == 0.0,
+                        "{name} after a 1 → {world} rank restore"
+                    );
+                }
+            }
         }
     }
 
@@ -332,7 +430,7 @@ mod tests {
         nft_steps(dp, Kind::Float, &suffixed(&one, "f32"));
         for world in [2usize, 4] {
             let test = "training::parallel::tests::nft_rank_process";
-            for (rank, stem) in spawn_ranks(test, world, dir.path()).iter().enumerate() {
+            for (rank, stem) in spawn_ranks(test, world, dir.path(), &[]).iter().enumerate() {
                 for (prec, bound) in [("f64", 1e-10), ("f32", 1e-4)] {
                     let (t, m) = worst_errors(&suffixed(stem, prec), &suffixed(&one, prec));
                     eprintln!(

@@ -13,6 +13,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::checkpoint::TrainingState;
+use super::fsdp::{Fsdp, Work};
 use super::lr_schedule::LrSchedule;
 use super::optim::AdamWConfig;
 use super::parallel::DataParallel;
@@ -72,6 +73,9 @@ pub struct SftTrainer {
     /// The other ranks training the same weights (alone by default): each takes
     /// its slice of every global mini batch (`mini_batch × world`), as NFT does.
     pub dp: DataParallel,
+    /// Full weights sharded over the ranks (FSDP): `params` then holds this
+    /// rank's master shard of each unit instead of the model's weights.
+    pub fsdp: Option<Fsdp>,
 }
 
 impl SftTrainer {
@@ -94,6 +98,50 @@ impl SftTrainer {
             timesteps,
             step: 0,
             dp: DataParallel::single(),
+            fsdp: None,
+            config,
+        })
+    }
+
+    /// Full-weight SFT with the weights, gradients, AdamW moments and EMA
+    /// sharded over `dp`'s ranks (`fsdp.rs`); the model's own weight tensors
+    /// are emptied and filled only while a unit runs. `compute_kind` is
+    /// `train.param_dtype`; the master shards keep the weights' dtype.
+    pub fn new_fsdp(
+        model: &mut SanaTransformer2DModel,
+        config: SftTrainerConfig,
+        timesteps: SftTimesteps,
+        dp: DataParallel,
+        compute_kind: Kind,
+        reshard_after_forward: bool,
+    ) -> Result<Self> {
+        if config.target != TrainTarget::Full {
+            return Err(SanaError::input(
+                "policy.parallelism",
+                "FSDP shards full-weight training; a LoRA trains with plain data parallelism \
+                 (dp_replicate_size)",
+            ));
+        }
+        let named = config.target.parameters(model)?;
+        let (fsdp, shards) = Fsdp::shard(model, named, &dp, compute_kind, reshard_after_forward)?;
+        let (full, shard) = fsdp.numel();
+        // Master weights + gradients + two AdamW moments (+ EMA), in the master dtype.
+        let copies = 4 + i64::from(config.ema.is_some());
+        let mb = |n: i64| (n * copies * fsdp.master_kind.elt_size_in_bytes() as i64) as f64 / 1e6;
+        tracing::info!(
+            rank = dp.rank(),
+            world = dp.world_size(),
+            "FSDP: this rank holds {:.1} MB of weights, gradients and optimizer state \
+             ({shard} of {full} elements per copy; unsharded {:.1} MB)",
+            mb(shard),
+            mb(full)
+        );
+        Ok(Self {
+            params: TrainedParams::new(shards, config.optimizer, config.ema),
+            timesteps,
+            step: 0,
+            dp,
+            fsdp: Some(fsdp),
             config,
         })
     }
@@ -143,6 +191,11 @@ impl SftTrainer {
             let noise = batch.latents.narrow(0, start, n).randn_like();
             let (from, len) = self.dp.slice(n);
             if len == 0 {
+                if let Some(fsdp) = &self.fsdp {
+                    // No samples here, but every rank takes part in the collectives.
+                    let reduce = self.dp.reduce_kind();
+                    fsdp.forward_backward(model, self.params.params(), &self.dp, reduce, None)?;
+                }
                 continue;
             }
             let at = start + from;
@@ -150,24 +203,42 @@ impl SftTrainer {
             let timestep = timestep.narrow(0, from, len).to_device(x0.device());
             let sigmas = sigmas.narrow(0, from, len);
             let (xt, target) = sft_inputs(&x0, &sigmas, &noise.narrow(0, from, len));
-            let v = model.forward(&TransformerInputs {
-                hidden_states: &xt.to_kind(model.kind()),
-                encoder_hidden_states: &batch.prompt_embeds.narrow(0, at, len),
+            let xt = xt.to_kind(model.kind());
+            let mask = batch.prompt_attention_mask.narrow(0, at, len);
+            let embeds = batch.prompt_embeds.narrow(0, at, len);
+            let inputs = TransformerInputs {
+                hidden_states: &xt,
+                encoder_hidden_states: &embeds,
                 timestep: &timestep,
                 guidance: None,
-                encoder_attention_mask: Some(&batch.prompt_attention_mask.narrow(0, at, len)),
-            })?;
-            let per_sample = sft_loss(&v.to_kind(Kind::Float), &target.to_kind(Kind::Float));
+                encoder_attention_mask: Some(&mask),
+            };
             // The mini batch's mean, summed over the ranks' slices.
-            (per_sample.sum(None) / n as f64).backward();
-            loss_sum[0] += per_sample.sum(None).double_value(&[]);
+            let mut loss_of = |v: &Tensor| {
+                let per_sample = sft_loss(&v.to_kind(Kind::Float), &target.to_kind(Kind::Float));
+                loss_sum[0] += per_sample.sum(None).double_value(&[]);
+                per_sample.sum(None) / n as f64
+            };
+            match &self.fsdp {
+                Some(fsdp) => {
+                    let reduce = self.dp.reduce_kind();
+                    let work: Option<Work<'_, '_>> = Some((&inputs, &mut loss_of));
+                    fsdp.forward_backward(model, self.params.params(), &self.dp, reduce, work)?;
+                }
+                None => loss_of(&model.forward(&inputs)?).backward(),
+            }
         }
         self.dp
             .all_reduce_values(&mut loss_sum, c10d::ReduceOp::Sum)?;
-        self.dp.all_reduce_grads(self.params.params())?;
         let count = b;
         let loss_sum = loss_sum[0];
-        let grad_norm = self.params.step(lr, self.config.grad_norm_clip, self.step);
+        let grad_norm = if self.fsdp.is_some() {
+            let clip = self.config.grad_norm_clip;
+            self.params.step_sharded(lr, clip, self.step, &self.dp)?
+        } else {
+            self.dp.all_reduce_grads(self.params.params())?;
+            self.params.step(lr, self.config.grad_norm_clip, self.step)
+        };
         self.step = current;
         Ok(SftStepMetrics {
             step: current,
@@ -178,10 +249,31 @@ impl SftTrainer {
     }
 
     /// The trained weights, moments, EMA, step and seed, plus `data`.
-    pub fn state(&self, data: serde_json::Value) -> TrainingState {
+    /// With FSDP every rank must call this (the shards are gathered); the
+    /// tensors are the whole model's either way, so a checkpoint resumes on any
+    /// number of ranks.
+    pub fn state(&self, data: serde_json::Value) -> Result<TrainingState> {
         let mut tensors = Vec::new();
-        self.params.push_state(&mut tensors);
-        TrainingState {
+        match &self.fsdp {
+            None => self.params.push_state(&mut tensors),
+            Some(fsdp) => {
+                let opt = &self.params.optimizer;
+                let mut lists = vec![
+                    ("trained", opt.params.as_slice()),
+                    ("exp_avg", opt.exp_avg.as_slice()),
+                    ("exp_avg_sq", opt.exp_avg_sq.as_slice()),
+                ];
+                if let Some(ema) = &self.params.ema {
+                    lists.push(("ema", ema.shadow.as_slice()));
+                }
+                for (prefix, shards) in lists {
+                    for (name, t) in fsdp.full_named(shards, &self.dp)? {
+                        tensors.push((format!("{prefix}/{name}"), t));
+                    }
+                }
+            }
+        }
+        Ok(TrainingState {
             step: self.step,
             meta: serde_json::json!({
                 "trainer": "sft",
@@ -194,7 +286,7 @@ impl SftTrainer {
                 "data": data,
             }),
             tensors,
-        }
+        })
     }
 
     pub fn restore(&mut self, state: TrainingState, source: &Path) -> Result<serde_json::Value> {
@@ -212,8 +304,51 @@ impl SftTrainer {
             .as_u64()
             .ok_or_else(|| bad("trainer.json has no optimizer_step".into()))?;
         let mut tensors: HashMap<String, Tensor> = state.tensors.into_iter().collect();
-        self.params
-            .restore_state(&mut tensors, optimizer_step, source)?;
+        match &self.fsdp {
+            None => self
+                .params
+                .restore_state(&mut tensors, optimizer_step, source)?,
+            Some(fsdp) => {
+                // This rank's shards of the whole-model tensors (any world size).
+                let take = |tensors: &mut HashMap<String, Tensor>, prefix: &str| {
+                    let named: HashMap<String, Tensor> = fsdp
+                        .units
+                        .iter()
+                        .flat_map(|u| u.names.iter())
+                        .filter_map(|n| {
+                            tensors
+                                .remove(&format!("{prefix}/{n}"))
+                                .map(|t| (n.clone(), t))
+                        })
+                        .collect();
+                    fsdp.shards_of(&named, source)
+                };
+                let trained = take(&mut tensors, "trained")?;
+                let m = take(&mut tensors, "exp_avg")?;
+                let v = take(&mut tensors, "exp_avg_sq")?;
+                let has_ema = tensors.keys().any(|k| k.starts_with("ema/"));
+                let ema = if has_ema {
+                    Some(take(&mut tensors, "ema")?)
+                } else {
+                    None
+                };
+                let opt = &mut self.params.optimizer;
+                tch::no_grad(|| {
+                    for (i, t) in trained.iter().enumerate() {
+                        opt.params[i].shallow_clone().copy_(t);
+                        opt.exp_avg[i].shallow_clone().copy_(&m[i]);
+                        opt.exp_avg_sq[i].shallow_clone().copy_(&v[i]);
+                    }
+                    if let Some(shadow) = self.params.ema.as_mut().map(|e| &mut e.shadow) {
+                        for (i, s) in shadow.iter().enumerate() {
+                            let from = ema.as_ref().map_or(&trained[i], |e| &e[i]);
+                            s.shallow_clone().copy_(from);
+                        }
+                    }
+                });
+                opt.step = optimizer_step;
+            }
+        }
         if let Some(extra) = tensors.keys().min() {
             return Err(bad(format!(
                 "tensor `{extra}` fits no trained parameter (full vs LoRA, or another model?)"
@@ -231,6 +366,21 @@ impl SftTrainer {
         dir: &Path,
         full: &SaveOptions,
     ) -> Result<()> {
+        if let Some(fsdp) = &self.fsdp {
+            // Gathered on every rank (a collective), written by rank 0.
+            let shards = match &self.params.ema {
+                Some(ema) => &ema.shadow,
+                None => &self.params.optimizer.params,
+            };
+            let rank0 = self.dp.rank() == 0;
+            return fsdp.with_full_model(shards, &self.dp, || {
+                if rank0 {
+                    model.save_pretrained_with(dir, full)
+                } else {
+                    Ok(())
+                }
+            })?;
+        }
         self.params.with_ema_weights(|| match &self.config.target {
             TrainTarget::Lora(name) => model.lora.export(name, dir),
             TrainTarget::Full => model.save_pretrained_with(dir, full),
@@ -321,7 +471,7 @@ mod tests {
                 assert!(e <= 1e-4, "{name}");
             }
             let want_t = load_named(&dir.join(format!("step{}.safetensors", k + 1)));
-            let mut state = trainer.state(Value::Null).tensors;
+            let mut state = trainer.state(Value::Null).unwrap().tensors;
             if matches!(trainer.config.target, TrainTarget::Lora(_)) {
                 // PEFT names the adapter inside the key, as our adapter_parameters do.
                 assert!(state.iter().all(|(n, _)| n.contains(".default.")));

@@ -87,6 +87,51 @@ impl TrainedParams {
         norm
     }
 
+    /// As [`TrainedParams::step`] for tensors sharded over `dp`'s ranks (FSDP):
+    /// the grad norm is the one of the whole, from every rank's squared norm.
+    pub fn step_sharded(
+        &mut self,
+        lr: f64,
+        grad_norm_clip: f64,
+        ema_step: u64,
+        dp: &super::parallel::DataParallel,
+    ) -> Result<f64> {
+        let grads: Vec<Tensor> = self
+            .optimizer
+            .params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .collect();
+        let mut sq = [tch::no_grad(|| {
+            grads
+                .iter()
+                .map(|g| {
+                    g.to_kind(tch::Kind::Double)
+                        .square()
+                        .sum(None)
+                        .double_value(&[])
+                })
+                .sum::<f64>()
+        })];
+        dp.all_reduce_values(&mut sq, c10d::ReduceOp::Sum)?;
+        let norm = sq[0].sqrt();
+        if grad_norm_clip > 0.0 {
+            let coef = (grad_norm_clip / (norm + 1e-6)).min(1.0);
+            tch::no_grad(|| {
+                for g in &grads {
+                    let _ = g.shallow_clone().g_mul_scalar_(coef);
+                }
+            });
+        }
+        self.optimizer.step(lr);
+        self.optimizer.zero_grad();
+        if let Some(ema) = &mut self.ema {
+            ema.step(&self.optimizer.params, ema_step);
+        }
+        Ok(norm)
+    }
+
     /// `trained/…`, `exp_avg/…`, `exp_avg_sq/…` and `ema/…` tensors (shared storage).
     pub fn push_state(&self, tensors: &mut Vec<(String, Tensor)>) {
         for (i, name) in self.names.iter().enumerate() {

@@ -392,6 +392,23 @@ pub struct TransformerInputs<'a> {
 /// diffusers' `SanaTransformer2DModel`. Parameters live in `vs` under diffusers'
 /// names, so checkpoints load and save by name. LoRA adapters (PEFT's, on any of
 /// its Linears) live in `lora`, outside `vs`.
+/// What every block takes besides the hidden states, from
+/// [`SanaTransformer2DModel::prelude`].
+#[derive(Debug)]
+pub struct BlockContext {
+    /// `[B, L, D]` projected, normalised captions.
+    pub enc: Tensor,
+    /// The caption mask as an additive bias (None: no mask).
+    pub encoder_bias: Option<Tensor>,
+    /// `[B, 6·D]` the blocks' modulation.
+    pub temb: Tensor,
+    /// `[B, D]` the final norm's modulation.
+    pub embedded_timestep: Tensor,
+    pub b: i64,
+    pub h: i64,
+    pub w: i64,
+}
+
 pub struct SanaTransformer2DModel {
     pub config: SanaTransformerConfig,
     pub vs: nn::VarStore,
@@ -576,6 +593,20 @@ impl SanaTransformer2DModel {
 
     /// The velocity prediction `[B, out_channels, H, W]`.
     pub fn forward(&self, x: &TransformerInputs<'_>) -> Result<Tensor> {
+        let (mut hs, ctx) = self.prelude(x)?;
+        for i in 0..self.num_blocks() {
+            hs = self.block_forward(i, &hs, &ctx);
+        }
+        Ok(self.finale(&hs, &ctx))
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.transformer_blocks.len()
+    }
+
+    /// Everything before the blocks: patch, timestep and caption embeddings.
+    /// FSDP runs the model in these three stages (`training::fsdp`).
+    pub fn prelude(&self, x: &TransformerInputs<'_>) -> Result<(Tensor, BlockContext)> {
         self.check_inputs(x)?;
         let kind = self.kind();
         let dev = self.device();
@@ -592,27 +623,52 @@ impl SanaTransformer2DModel {
         let (b, p) = (size[0], self.config.patch_size);
         let (h, w) = (size[2] / p, size[3] / p);
 
-        let mut hs = self.patch_embed.forward(&hidden_states);
+        let hs = self.patch_embed.forward(&hidden_states);
         let (temb, embedded_timestep) =
             self.time_embed
                 .forward(&timestep, guidance.as_ref(), kind)?;
         let enc = self.caption_projection.forward(&encoder_hidden_states);
         let enc = enc.view([b, -1, hs.size()[2]]);
         let enc = self.caption_norm.forward(&enc);
+        Ok((
+            hs,
+            BlockContext {
+                enc,
+                encoder_bias,
+                temb,
+                embedded_timestep,
+                b,
+                h,
+                w,
+            },
+        ))
+    }
 
-        for block in &self.transformer_blocks {
-            hs = block.forward(&hs, &enc, encoder_bias.as_ref(), &temb, h, w);
-        }
+    /// Block `i` on the hidden states `[B, h·w, D]`.
+    pub fn block_forward(&self, i: usize, hs: &Tensor, ctx: &BlockContext) -> Tensor {
+        self.transformer_blocks[i].forward(
+            hs,
+            &ctx.enc,
+            ctx.encoder_bias.as_ref(),
+            &ctx.temb,
+            ctx.h,
+            ctx.w,
+        )
+    }
 
+    /// After the blocks: modulated norm, output projection, unpatchify.
+    pub fn finale(&self, hs: &Tensor, ctx: &BlockContext) -> Tensor {
+        let (b, h, w, p) = (ctx.b, ctx.h, ctx.w, self.config.patch_size);
         // SanaModulatedNorm
         let hs = hs.layer_norm([hs.size()[2]], None::<Tensor>, None::<Tensor>, 1e-6, true);
-        let m = (self.scale_shift_table.unsqueeze(0) + embedded_timestep.unsqueeze(1)).chunk(2, 1);
+        let m =
+            (self.scale_shift_table.unsqueeze(0) + ctx.embedded_timestep.unsqueeze(1)).chunk(2, 1);
         let hs = hs * (&m[1] + 1.0) + &m[0];
         let hs = self.proj_out.forward(&hs);
 
         // Unpatchify: [B, h, w, p, p, C] → [B, C, h·p, w·p].
         let hs = hs.reshape([b, h, w, p, p, -1]).permute([0, 5, 1, 3, 2, 4]);
-        Ok(hs.reshape([b, -1, h * p, w * p]))
+        hs.reshape([b, -1, h * p, w * p])
     }
 }
 

@@ -7,7 +7,7 @@
 
 use e2e::*;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// Kubernetes versions the manifests must validate against (schemas shipped
@@ -37,12 +37,6 @@ fn render(config: &str, extra: &[&str], env: &[(&str, &str)]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn python() -> PathBuf {
-    let venv = std::env::var("VIRTUAL_ENV")
-        .expect("VIRTUAL_ENV is not set: run through scripts/test.sh (or source scripts/env.sh)");
-    Path::new(&venv).join("bin/python")
 }
 
 /// kubernetes-validate --strict on `yaml` (stdin) or on `files`, for every version.

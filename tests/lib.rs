@@ -22,7 +22,42 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-fn python() -> PathBuf {
+/// `controller --config <config>`, run from the repository root.
+pub fn controller(config: &Path) -> Command {
+    let mut c = Command::new(bin("controller"));
+    c.arg("--config").arg(config).current_dir(repo_root());
+    c
+}
+
+/// The demo with `edits`, run to the end under `dir/<name>/runs`; its run directory.
+pub fn finished_demo_run(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = demo_config(&d, &d.join("runs"), edits);
+    let res = controller(&cfg).output().unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    only_run_dir(&d.join("runs"))
+}
+
+/// Panics unless two runs exported byte-identical adapters at `step`.
+pub fn assert_same_adapter_exports(a_run: &Path, b_run: &Path, step: u64) {
+    for f in [
+        "adapter_model.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ] {
+        let dir = format!("safetensors/step_{step}");
+        let a = std::fs::read(a_run.join(&dir).join(f)).unwrap();
+        let b = std::fs::read(b_run.join(&dir).join(f)).unwrap();
+        assert!(a == b, "{f}: the runs ended with other weights");
+    }
+}
+
+/// The venv's python (VIRTUAL_ENV, as scripts/env.sh sets it).
+pub fn python() -> PathBuf {
     let venv = std::env::var("VIRTUAL_ENV")
         .expect("VIRTUAL_ENV is not set: run through scripts/test.sh (or source scripts/env.sh)");
     Path::new(&venv).join("bin/python")

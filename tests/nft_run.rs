@@ -6,12 +6,6 @@ use e2e::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn controller(config: &std::path::Path) -> Command {
-    let mut c = Command::new(bin("controller"));
-    c.arg("--config").arg(config).current_dir(repo_root());
-    c
-}
-
 fn mean(v: &[serde_json::Value], key: &str) -> f64 {
     v.iter().map(|m| m[key].as_f64().unwrap()).sum::<f64>() / v.len() as f64
 }
@@ -74,16 +68,7 @@ fn a_killed_policy_worker_is_reported_and_resume_matches_an_uninterrupted_run() 
         ("save_freq = 5", "save_freq = 2"),
     ];
 
-    let a_dir = dir.path().join("a");
-    std::fs::create_dir_all(&a_dir).unwrap();
-    let a_cfg = demo_config(&a_dir, &a_dir.join("runs"), &edits);
-    let res = controller(&a_cfg).output().unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    let a_run = only_run_dir(&a_dir.join("runs"));
+    let a_run = finished_demo_run(dir.path(), "a", &edits);
 
     let b_dir = dir.path().join("b");
     std::fs::create_dir_all(&b_dir).unwrap();
@@ -126,17 +111,7 @@ fn a_killed_policy_worker_is_reported_and_resume_matches_an_uninterrupted_run() 
         b_run,
         "resume continues the same run directory"
     );
-    for f in [
-        "adapter_model.safetensors",
-        "pytorch_lora_weights.safetensors",
-    ] {
-        let a = std::fs::read(a_run.join("safetensors/step_8").join(f)).unwrap();
-        let c = std::fs::read(b_run.join("safetensors/step_8").join(f)).unwrap();
-        assert!(
-            a == c,
-            "{f}: the resumed run ended with other weights than the uninterrupted one"
-        );
-    }
+    assert_same_adapter_exports(&a_run, &b_run, 8);
     let (ma, mb) = (metrics(&a_run), metrics(&b_run));
     // Steps after the resume point repeat the uninterrupted run's rewards exactly.
     let last_a = ma.last().unwrap()["reward_mean"].as_f64();

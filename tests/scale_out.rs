@@ -5,12 +5,6 @@
 use e2e::*;
 use std::process::Command;
 
-fn controller(config: &std::path::Path) -> Command {
-    let mut c = Command::new(bin("controller"));
-    c.arg("--config").arg(config).current_dir(repo_root());
-    c
-}
-
 /// Config edits for `ranks` policy ranks with the same global mini batch (16).
 fn ranks_edits(ranks: usize) -> (String, String) {
     (
@@ -106,16 +100,7 @@ fn a_killed_policy_rank_is_named_and_max_restarts_finishes_the_run() {
         ("mini_batch = 16", mini.as_str()),
     ];
 
-    let a_dir = dir.path().join("a");
-    std::fs::create_dir_all(&a_dir).unwrap();
-    let a_cfg = demo_config(&a_dir, &a_dir.join("runs"), &edits);
-    let res = controller(&a_cfg).output().unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    let a_run = only_run_dir(&a_dir.join("runs"));
+    let a_run = finished_demo_run(dir.path(), "a", &edits);
 
     let b_dir = dir.path().join("b");
     std::fs::create_dir_all(&b_dir).unwrap();
@@ -140,17 +125,7 @@ fn a_killed_policy_rank_is_named_and_max_restarts_finishes_the_run() {
         "{stderr}"
     );
     assert!(stderr.contains("resumed from"), "{stderr}");
-    for f in [
-        "adapter_model.safetensors",
-        "pytorch_lora_weights.safetensors",
-    ] {
-        let a = std::fs::read(a_run.join("safetensors/step_8").join(f)).unwrap();
-        let b = std::fs::read(b_run.join("safetensors/step_8").join(f)).unwrap();
-        assert!(
-            a == b,
-            "{f}: the restarted run ended with other weights than the uninterrupted one"
-        );
-    }
+    assert_same_adapter_exports(&a_run, &b_run, 8);
 }
 
 /// Kills the processes a test started by hand, however it ends.

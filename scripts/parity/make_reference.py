@@ -137,6 +137,7 @@ def main() -> None:
     __import__("sft_step").write_sft_step_cases(out)  # scripts/parity/sft_step.py (SFT steps, full and LoRA)
     __import__("pipeline").write_pipeline_cases(out)  # scripts/parity/pipeline.py (full SanaPipeline)
     __import__("lora").write_lora_cases(out)  # scripts/parity/lora.py (PEFT / diffusers LoRA)
+    __import__("video").write_video_cases(out)  # scripts/parity/video.py (SANA-Video transformer)
     print(f"parity references written to {out}")
 
 

@@ -170,6 +170,45 @@ impl Attention {
         }
     }
 
+    /// `SanaLinearAttnProcessor3_0` (SANA-Video): ReLU kernels, then RoPE
+    /// (`cos`/`sin`: `[1, N, 1, d]`, interleaved pairs) on q and k for the
+    /// numerator only, in fp32; the normaliser uses the un-rotated q and k in
+    /// the model dtype, as diffusers computes it.
+    pub fn linear_attention_rope(
+        &self,
+        hidden_states: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Tensor {
+        let dt = hidden_states.kind();
+        let (q, k, v) = self.qkv(hidden_states, hidden_states);
+        let heads = |t: &Tensor| t.unflatten(2, [self.heads, -1]); // [B, N, h, d]
+        let (q, k, v) = (heads(&q).relu(), heads(&k).relu(), heads(&v));
+        let rope = |x: &Tensor| {
+            let (x1, x2) = (x.slice(-1, 0, None, 2), x.slice(-1, 1, None, 2));
+            let (c, s) = (cos.slice(-1, 0, None, 2), sin.slice(-1, 1, None, 2));
+            let even = &x1 * &c - &x2 * &s;
+            let odd = &x1 * &s + &x2 * &c;
+            Tensor::stack(&[even, odd], -1).flatten(-2, -1).to_kind(dt)
+        };
+        let (q_rot, k_rot) = (rope(&q), rope(&k));
+        let to_hdn = |t: &Tensor| t.permute([0, 2, 3, 1]); // [B, h, d, N]
+        let (q, k) = (to_hdn(&q), to_hdn(&k));
+        let q_rot = to_hdn(&q_rot).to_kind(Kind::Float);
+        let k_rot = to_hdn(&k_rot).to_kind(Kind::Float);
+        let v = to_hdn(&v).to_kind(Kind::Float);
+        let z = (k
+            .sum_dim_intlist([-1i64].as_slice(), true, None)
+            .transpose(-2, -1)
+            .matmul(&q)
+            + 1e-15)
+            .reciprocal();
+        let scores = v.matmul(&k_rot.transpose(-2, -1)); // [B, h, d, d]
+        let hs = scores.matmul(&q_rot) * z; // [B, h, d, N]
+        let hs = hs.flatten(1, 2).transpose(1, 2).to_kind(dt);
+        self.to_out.forward(&hs)
+    }
+
     /// `SanaAttnProcessor2_0`: scaled dot-product attention with an additive mask.
     fn sdpa_attention(
         &self,

@@ -1,3 +1,4 @@
 //! `diffusers/models/transformers/*`.
 
 pub mod sana_transformer;
+pub mod transformer_sana_video;

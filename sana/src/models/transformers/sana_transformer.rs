@@ -209,7 +209,7 @@ impl GLUMBConv {
 
 /// The timestep (and, for Sprint, guidance) conditioning.
 #[derive(Debug)]
-enum TimeEmbed {
+pub(crate) enum TimeEmbed {
     Single(AdaLayerNormSingle),
     /// `SanaCombinedTimestepGuidanceEmbeddings`.
     Guidance {
@@ -220,7 +220,20 @@ enum TimeEmbed {
 }
 
 impl TimeEmbed {
-    fn linears(&self) -> Vec<&Linear> {
+    /// `AdaLayerNormSingle`, or with `guidance` SANA-Sprint's combined embedding.
+    pub(crate) fn new(vs: nn::Path, dim: i64, guidance: bool) -> Self {
+        if guidance {
+            TimeEmbed::Guidance {
+                timestep_embedder: TimestepEmbedding::new(&vs / "timestep_embedder", 256, dim),
+                guidance_embedder: TimestepEmbedding::new(&vs / "guidance_embedder", 256, dim),
+                linear: Linear::new(&vs / "linear", dim, 6 * dim, true),
+            }
+        } else {
+            TimeEmbed::Single(AdaLayerNormSingle::new(vs, dim))
+        }
+    }
+
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
         match self {
             TimeEmbed::Single(ada) => ada.linears(),
             TimeEmbed::Guidance {
@@ -236,7 +249,8 @@ impl TimeEmbed {
         }
     }
 
-    fn forward(
+    /// `(temb [B, 6D], embedded_timestep [B, D])`.
+    pub(crate) fn forward(
         &self,
         timestep: &Tensor,
         guidance: Option<&Tensor>,
@@ -446,16 +460,7 @@ impl SanaTransformer2DModel {
             dim,
             config.interpolation_scale,
         );
-        let te = &root / "time_embed";
-        let time_embed = if config.guidance_embeds {
-            TimeEmbed::Guidance {
-                timestep_embedder: TimestepEmbedding::new(&te / "timestep_embedder", 256, dim),
-                guidance_embedder: TimestepEmbedding::new(&te / "guidance_embedder", 256, dim),
-                linear: Linear::new(&te / "linear", dim, 6 * dim, true),
-            }
-        } else {
-            TimeEmbed::Single(AdaLayerNormSingle::new(te, dim))
-        };
+        let time_embed = TimeEmbed::new(&root / "time_embed", dim, config.guidance_embeds);
         let caption_projection = PixArtAlphaTextProjection::new(
             &root / "caption_projection",
             config.caption_channels,

@@ -1,0 +1,69 @@
+"""Parity references for SANA-Video: tiny random SanaVideoTransformer3DModel
+cases (diffusers 0.42.1), written like the image transformer's:
+OUT/transformer_<case>/{model/, inputs.safetensors, outputs.safetensors, case.json}."""
+
+import json
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+
+from diffusers import SanaVideoTransformer3DModel
+
+BASE = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=12,  # rope t/h/w = 4/4/4
+    num_layers=2,
+    num_cross_attention_heads=2,
+    cross_attention_head_dim=12,
+    cross_attention_dim=24,  # = inner_dim, as the model needs
+    caption_channels=16,
+    mlp_ratio=2.5,
+    sample_size=8,
+    patch_size=(1, 2, 2),
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+CASES = {
+    # SANA-Video 480p shape: patch (1, 2, 2), qk-norm across heads; 3 latent frames.
+    "video": dict(config=dict(BASE), video=(3, 8, 8), batch=2, seq=7),
+    # 720p-style patch (1, 1, 1), no qk-norm, affine norm2, odd grid, 5 frames.
+    "video_p111": dict(
+        config=dict(BASE, patch_size=(1, 1, 1), qk_norm=None, norm_elementwise_affine=True,
+                    attention_head_dim=8, num_attention_heads=3, cross_attention_dim=24,
+                    num_cross_attention_heads=3, cross_attention_head_dim=8),
+        video=(5, 4, 6), batch=2, seq=5,
+    ),
+}
+
+
+def write_video_cases(out: pathlib.Path) -> None:
+    for i, (name, case) in enumerate(CASES.items()):
+        seed = 3000 + i
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = SanaVideoTransformer3DModel(**case["config"]).eval()
+        with torch.no_grad():  # perturb every weight, so an unloaded one shows
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        d = out / f"transformer_{name}"
+        model.save_pretrained(d / "model", safe_serialization=True)
+        cfg = model.config
+        b, (t, h, w), seq = case["batch"], case["video"], case["seq"]
+        hidden = torch.randn(b, cfg.in_channels, t, h, w, generator=gen)
+        enc = torch.randn(b, seq, cfg.caption_channels, generator=gen)
+        mask = torch.ones(b, seq, dtype=torch.int64)
+        mask[1, seq - 2:] = 0
+        timestep = torch.linspace(999.0, 3.0, b)
+        with torch.no_grad():
+            sample = model(hidden, encoder_hidden_states=enc, timestep=timestep,
+                           encoder_attention_mask=mask, return_dict=False)[0]
+        inputs = dict(hidden_states=hidden, encoder_hidden_states=enc,
+                      encoder_attention_mask=mask, timestep=timestep)
+        save_file({k: v.contiguous() for k, v in inputs.items()}, str(d / "inputs.safetensors"))
+        save_file({"sample": sample.contiguous()}, str(d / "outputs.safetensors"))
+        (d / "case.json").write_text(json.dumps({"dtype": "float32"}))
+        print(f"transformer_{name}: ok")

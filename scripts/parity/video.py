@@ -67,3 +67,33 @@ def write_video_cases(out: pathlib.Path) -> None:
         save_file({"sample": sample.contiguous()}, str(d / "outputs.safetensors"))
         (d / "case.json").write_text(json.dumps({"dtype": "float32"}))
         print(f"transformer_{name}: ok")
+
+
+def write_wan_vae_cases(out: pathlib.Path) -> None:
+    """A tiny random AutoencoderKLWan (Wan 2.1 layout): posterior parameters
+    and decoded videos for 1, 5 and 9 frames (odd counts: 1 + 4k)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, -0.4], latents_std=[1.5, 2.0, 0.5, 1.0],
+    ).eval()
+    with torch.no_grad():  # RMS gammas start at 1: perturb every weight
+        for p in vae.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    d = out / "wan_vae"
+    vae.save_pretrained(d / "model", safe_serialization=True)
+    tensors = {}
+    with torch.no_grad():
+        for t in (1, 5, 9):
+            x = torch.rand(1, 3, t, 16, 16, generator=gen) * 2 - 1
+            params = vae.encode(x).latent_dist.parameters
+            mean = params[:, : vae.config.z_dim]
+            tensors[f"x_T{t}"] = x
+            tensors[f"enc_params_T{t}"] = params
+            tensors[f"dec_T{t}"] = vae.decode(mean).sample
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "io.safetensors"))
+    print("wan_vae: ok")

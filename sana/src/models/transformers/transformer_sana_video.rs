@@ -669,6 +669,61 @@ mod tests {
         check("video_p111", 1e-4);
     }
 
+    /// The video presets' LoRA targets (attn1/attn2 projections) attach as on
+    /// the image model, under PEFT's names, and move the output.
+    #[test]
+    fn the_presets_lora_targets_attach() {
+        use crate::lora::{InitLoraWeights, LoraConfig, TargetModules};
+        let Some(dir) = parity_case("transformer_video") else {
+            return;
+        };
+        let mut model = SanaVideoTransformer3DModel::from_pretrained(
+            &dir.join("model"),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
+        let targets = ["to_q", "to_k", "to_v", "to_out.0"]
+            .iter()
+            .flat_map(|t| [format!("attn1.{t}"), format!("attn2.{t}")])
+            .collect();
+        let mut cfg = LoraConfig::new(4, 4.0, TargetModules::Names(targets));
+        cfg.init_lora_weights = InitLoraWeights::Gaussian;
+        model.lora.add_adapter("default", &cfg).unwrap();
+        let params = model.lora.adapter_parameters("default").unwrap();
+        // 2 blocks × 8 projections × (A, B).
+        assert_eq!(params.len(), 2 * 8 * 2);
+        assert!(
+            params[0]
+                .0
+                .starts_with("transformer_blocks.0.attn1.to_q.lora_A"),
+            "{}",
+            params[0].0
+        );
+        let x = load_named(&dir.join("inputs.safetensors"));
+        let run = |m: &SanaVideoTransformer3DModel| {
+            tch::no_grad(|| {
+                m.forward(&VideoTransformerInputs {
+                    hidden_states: &x["hidden_states"],
+                    encoder_hidden_states: &x["encoder_hidden_states"],
+                    timestep: &x["timestep"],
+                    guidance: None,
+                    encoder_attention_mask: x.get("encoder_attention_mask"),
+                })
+            })
+            .unwrap()
+        };
+        let base = run(&model);
+        tch::no_grad(|| {
+            for (_, p) in &params {
+                let r = p.randn_like() * 0.1;
+                p.shallow_clone().copy_(&r);
+            }
+        });
+        model.lora.set_active("default").unwrap();
+        assert!(max_abs_diff(&run(&model), &base) > 1e-3);
+    }
+
     #[test]
     fn the_rotary_split_is_wans() {
         assert_eq!(rope_split(112), (40, 36));

@@ -283,6 +283,69 @@ impl TimeEmbed {
     }
 }
 
+/// The shape of a SANA block's two attentions (image and video blocks alike).
+pub(crate) struct BlockAttentionConfig<'a> {
+    pub dim: i64,
+    pub heads: i64,
+    pub head_dim: i64,
+    pub cross_heads: i64,
+    pub cross_head_dim: i64,
+    pub cross_attention_dim: Option<i64>,
+    pub attention_bias: bool,
+    pub qk_norm: Option<&'a str>,
+    pub norm_eps: f64,
+    pub norm_elementwise_affine: bool,
+}
+
+/// A SANA block's linear self-attention and caption cross-attention with their
+/// norms, under diffusers' names (`norm1`, `attn1`, `norm2`, `attn2`).
+pub(crate) struct BlockAttention {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+}
+
+impl BlockAttention {
+    pub(crate) fn new(vs: &nn::Path, c: &BlockAttentionConfig<'_>) -> Self {
+        let qk_norm = QkNorm::parse(c.qk_norm).expect("validated config");
+        Self {
+            norm1: LayerNorm::new(vs / "norm1", c.dim, c.norm_eps, false),
+            attn1: Attention::new(
+                vs / "attn1",
+                AttentionConfig {
+                    query_dim: c.dim,
+                    cross_attention_dim: None,
+                    heads: c.heads,
+                    dim_head: c.head_dim,
+                    kv_heads: qk_norm.map(|_| c.heads),
+                    bias: c.attention_bias,
+                    out_bias: true,
+                    qk_norm,
+                    eps: 1e-5,
+                    processor: Processor::SanaLinear,
+                },
+            ),
+            norm2: LayerNorm::new(vs / "norm2", c.dim, c.norm_eps, c.norm_elementwise_affine),
+            attn2: Attention::new(
+                vs / "attn2",
+                AttentionConfig {
+                    query_dim: c.dim,
+                    cross_attention_dim: c.cross_attention_dim,
+                    heads: c.cross_heads,
+                    dim_head: c.cross_head_dim,
+                    kv_heads: qk_norm.map(|_| c.cross_heads),
+                    bias: true,
+                    out_bias: true,
+                    qk_norm,
+                    eps: 1e-5,
+                    processor: Processor::Sana,
+                },
+            ),
+        }
+    }
+}
+
 /// One SANA block: modulated linear self-attention, cross-attention, GLUMBConv.
 #[derive(Debug)]
 pub struct SanaTransformerBlock {
@@ -297,46 +360,31 @@ pub struct SanaTransformerBlock {
 impl SanaTransformerBlock {
     pub fn new(vs: nn::Path, cfg: &SanaTransformerConfig) -> Self {
         let dim = cfg.inner_dim();
-        let qk_norm = QkNorm::parse(cfg.qk_norm.as_deref()).expect("validated config");
-        let cross_heads = cfg.num_cross_attention_heads.expect("validated config");
-        Self {
-            norm1: LayerNorm::new(&vs / "norm1", dim, cfg.norm_eps, false),
-            attn1: Attention::new(
-                &vs / "attn1",
-                AttentionConfig {
-                    query_dim: dim,
-                    cross_attention_dim: None,
-                    heads: cfg.num_attention_heads,
-                    dim_head: cfg.attention_head_dim,
-                    kv_heads: qk_norm.map(|_| cfg.num_attention_heads),
-                    bias: cfg.attention_bias,
-                    out_bias: true,
-                    qk_norm,
-                    eps: 1e-5,
-                    processor: Processor::SanaLinear,
-                },
-            ),
-            norm2: LayerNorm::new(
-                &vs / "norm2",
+        let BlockAttention {
+            norm1,
+            attn1,
+            norm2,
+            attn2,
+        } = BlockAttention::new(
+            &vs,
+            &BlockAttentionConfig {
                 dim,
-                cfg.norm_eps,
-                cfg.norm_elementwise_affine,
-            ),
-            attn2: Attention::new(
-                &vs / "attn2",
-                AttentionConfig {
-                    query_dim: dim,
-                    cross_attention_dim: cfg.cross_attention_dim,
-                    heads: cross_heads,
-                    dim_head: cfg.cross_attention_head_dim.expect("validated config"),
-                    kv_heads: qk_norm.map(|_| cross_heads),
-                    bias: true,
-                    out_bias: true,
-                    qk_norm,
-                    eps: 1e-5,
-                    processor: Processor::Sana,
-                },
-            ),
+                heads: cfg.num_attention_heads,
+                head_dim: cfg.attention_head_dim,
+                cross_heads: cfg.num_cross_attention_heads.expect("validated config"),
+                cross_head_dim: cfg.cross_attention_head_dim.expect("validated config"),
+                cross_attention_dim: cfg.cross_attention_dim,
+                attention_bias: cfg.attention_bias,
+                qk_norm: cfg.qk_norm.as_deref(),
+                norm_eps: cfg.norm_eps,
+                norm_elementwise_affine: cfg.norm_elementwise_affine,
+            },
+        );
+        Self {
+            norm1,
+            attn1,
+            norm2,
+            attn2,
             ff: GLUMBConv::new(&vs / "ff", dim, dim, cfg.mlp_ratio),
             scale_shift_table: vs.var(
                 "scale_shift_table",

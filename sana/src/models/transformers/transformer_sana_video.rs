@@ -10,11 +10,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::sana_transformer::{GLUMBConv, TimeEmbed};
+use super::sana_transformer::{BlockAttention, BlockAttentionConfig, GLUMBConv, TimeEmbed};
 use crate::lora::LoraAdapters;
-use crate::models::attention_processor::{
-    mask_to_bias, Attention, AttentionConfig, Processor, QkNorm,
-};
+use crate::models::attention_processor::{mask_to_bias, Attention, QkNorm};
 use crate::models::embeddings::PixArtAlphaTextProjection;
 use crate::models::layers::{LayerNorm, Linear};
 use crate::models::modeling_utils::{self, ModelConfig};
@@ -298,46 +296,31 @@ struct VideoContext {
 impl SanaVideoTransformerBlock {
     fn new(vs: nn::Path, cfg: &SanaVideoTransformerConfig) -> Self {
         let dim = cfg.inner_dim();
-        let qk_norm = QkNorm::parse(cfg.qk_norm.as_deref()).expect("validated config");
-        let cross_heads = cfg.num_cross_attention_heads.expect("validated config");
-        Self {
-            norm1: LayerNorm::new(&vs / "norm1", dim, cfg.norm_eps, false),
-            attn1: Attention::new(
-                &vs / "attn1",
-                AttentionConfig {
-                    query_dim: dim,
-                    cross_attention_dim: None,
-                    heads: cfg.num_attention_heads,
-                    dim_head: cfg.attention_head_dim,
-                    kv_heads: qk_norm.map(|_| cfg.num_attention_heads),
-                    bias: cfg.attention_bias,
-                    out_bias: true,
-                    qk_norm,
-                    eps: 1e-5,
-                    processor: Processor::SanaLinear,
-                },
-            ),
-            norm2: LayerNorm::new(
-                &vs / "norm2",
+        let BlockAttention {
+            norm1,
+            attn1,
+            norm2,
+            attn2,
+        } = BlockAttention::new(
+            &vs,
+            &BlockAttentionConfig {
                 dim,
-                cfg.norm_eps,
-                cfg.norm_elementwise_affine,
-            ),
-            attn2: Attention::new(
-                &vs / "attn2",
-                AttentionConfig {
-                    query_dim: dim,
-                    cross_attention_dim: cfg.cross_attention_dim,
-                    heads: cross_heads,
-                    dim_head: cfg.cross_attention_head_dim.expect("validated config"),
-                    kv_heads: qk_norm.map(|_| cross_heads),
-                    bias: true,
-                    out_bias: true,
-                    qk_norm,
-                    eps: 1e-5,
-                    processor: Processor::Sana,
-                },
-            ),
+                heads: cfg.num_attention_heads,
+                head_dim: cfg.attention_head_dim,
+                cross_heads: cfg.num_cross_attention_heads.expect("validated config"),
+                cross_head_dim: cfg.cross_attention_head_dim.expect("validated config"),
+                cross_attention_dim: cfg.cross_attention_dim,
+                attention_bias: cfg.attention_bias,
+                qk_norm: cfg.qk_norm.as_deref(),
+                norm_eps: cfg.norm_eps,
+                norm_elementwise_affine: cfg.norm_elementwise_affine,
+            },
+        );
+        Self {
+            norm1,
+            attn1,
+            norm2,
+            attn2,
             ff: GLUMBTempConv::new(&vs / "ff", dim, cfg.mlp_ratio),
             scale_shift_table: vs.var(
                 "scale_shift_table",

@@ -43,6 +43,35 @@ pub fn finished_demo_run(dir: &Path, name: &str, edits: &[(&str, &str)]) -> Path
     only_run_dir(&d.join("runs"))
 }
 
+/// A demo run under `dir/<name>/runs` (controller flags `args`) whose process
+/// `worker` is SIGKILLed once `after_steps` steps are logged; waits for the
+/// controller. Returns the run's folder (`dir/<name>`), its run directory and
+/// the controller's output.
+pub fn demo_run_killing(
+    dir: &Path,
+    name: &str,
+    edits: &[(&str, &str)],
+    args: &[&str],
+    after_steps: usize,
+    worker: &str,
+) -> (PathBuf, PathBuf, std::process::Output) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = demo_config(&d, &d.join("runs"), edits);
+    let child = controller(&cfg)
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = wait_for_steps(&d.join("runs"), after_steps);
+    let pid = pid_of(&run, worker);
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    (d, run, child.wait_with_output().unwrap())
+}
+
 /// Panics unless two runs exported byte-identical adapters at `step`.
 pub fn assert_same_adapter_exports(a_run: &Path, b_run: &Path, step: u64) {
     for f in [

@@ -70,21 +70,8 @@ fn a_killed_policy_worker_is_reported_and_resume_matches_an_uninterrupted_run() 
 
     let a_run = finished_demo_run(dir.path(), "a", &edits);
 
-    let b_dir = dir.path().join("b");
-    std::fs::create_dir_all(&b_dir).unwrap();
+    let (b_dir, b_run, res) = demo_run_killing(dir.path(), "b", &edits, &[], 5, "policy-worker-0");
     let b_out = b_dir.join("runs");
-    let b_cfg = demo_config(&b_dir, &b_out, &edits);
-    let child = controller(&b_cfg)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let b_run = wait_for_steps(&b_out, 5);
-    let pid = pid_of(&b_run, "policy-worker-0");
-    Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let res = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(
         !res.status.success(),

@@ -26,6 +26,10 @@ command -v nasm >/dev/null || need_apt+=(nasm)
 [ -f /usr/include/gloo/config.h ] || need_apt+=(libgloo-dev)
 # The Slurm launcher's test runs a one-node cluster (scripts/slurm_cluster.sh).
 command -v slurmctld >/dev/null || need_apt+=(slurm-wlm munge)
+# FFmpeg 5.1's libraries for mp4 in/out (ffmpeg-next), and libclang for its bindgen.
+pkg-config --exists libavformat libavcodec libswscale 2>/dev/null ||
+    need_apt+=(libavformat-dev libavcodec-dev libavutil-dev libswscale-dev libswresample-dev)
+[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* 2>/dev/null)" ] || need_apt+=(libclang-dev clang)
 if ((${#need_apt[@]})); then
     log "installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

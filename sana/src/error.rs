@@ -37,6 +37,9 @@ pub enum SanaError {
     /// A collective across data-parallel ranks failed (a peer died or timed out).
     #[error("data parallel: {0}")]
     Collective(String),
+    /// A video file could not be decoded or encoded (FFmpeg's message).
+    #[error("{path}: {msg}")]
+    Media { path: PathBuf, msg: String },
     #[error(transparent)]
     Tch(#[from] tch::TchError),
 }

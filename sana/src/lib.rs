@@ -15,6 +15,7 @@ pub mod pipelines;
 pub mod safetensors_io;
 pub mod schedulers;
 pub mod training;
+pub mod video_io;
 
 pub use error::{Result, SanaError};
 

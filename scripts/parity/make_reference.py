@@ -139,6 +139,7 @@ def main() -> None:
     __import__("lora").write_lora_cases(out)  # scripts/parity/lora.py (PEFT / diffusers LoRA)
     __import__("video").write_video_cases(out)  # scripts/parity/video.py (SANA-Video transformer)
     __import__("video").write_wan_vae_cases(out)  # scripts/parity/video.py (Wan 2.1 VAE)
+    __import__("video").write_video_pipeline_cases(out)  # scripts/parity/video.py (SanaVideoPipeline)
     print(f"parity references written to {out}")
 
 

@@ -97,3 +97,89 @@ def write_wan_vae_cases(out: pathlib.Path) -> None:
             tensors[f"dec_T{t}"] = vae.decode(mean).sample
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "io.safetensors"))
     print("wan_vae: ok")
+
+
+# SANA-Video's converter writes DPM-Solver++ with flow sigmas and shift 8.
+VIDEO_SCHEDULER = dict(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+VIDEO_PROMPTS = ["a red fox running in the snow", "Two cats playing chess, slow pan"]
+VIDEO_PIPELINE_CASES = {
+    "dpm_cfg": dict(sampler="dpm", guidance_scale=6.0, steps=4, frames=5),
+    "dpm_nocfg": dict(sampler="dpm", guidance_scale=1.0, steps=3, frames=9),
+    "euler_cfg": dict(sampler="euler", guidance_scale=4.0, steps=3, frames=5),
+    "dpm_cfg_2per_prompt": dict(sampler="dpm", guidance_scale=6.0, steps=3, frames=1, num_videos_per_prompt=2),
+}
+VIDEO_HEIGHT, VIDEO_WIDTH = 64, 96  # multiples of 32 (diffusers' check); the Wan VAE compresses by 8
+
+
+def build_video_pipeline(out: pathlib.Path, seed: int):
+    """A tiny random SanaVideoPipeline: the tiny Gemma-2 and tokenizer of text_encoder.py,
+    a tiny Wan 2.1 VAE and a tiny video transformer, saved with save_pretrained."""
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import text_encoder
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+    from diffusers import AutoencoderKLWan, DPMSolverMultistepScheduler, SanaVideoPipeline
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    text_encoder.build_tokenizer(out / "tok")
+    tokenizer = GemmaTokenizerFast.from_pretrained(out / "tok")
+    tokenizer.padding_side = "right"
+    te = Gemma2Model(Gemma2Config(**text_encoder.MODEL)).eval()
+    text_encoder.randomize_(te, gen)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, -0.4], latents_std=[1.5, 2.0, 0.5, 1.0],
+    ).eval()
+    transformer = SanaVideoTransformer3DModel(
+        **dict(BASE, in_channels=4, out_channels=4, caption_channels=te.config.hidden_size)
+    ).eval()
+    with torch.no_grad():
+        for m in (vae, transformer):
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    pipe = SanaVideoPipeline(tokenizer=tokenizer, text_encoder=te, vae=vae, transformer=transformer,
+                             scheduler=DPMSolverMultistepScheduler(**VIDEO_SCHEDULER))
+    pipe.save_pretrained(out / "pipeline")
+    return SanaVideoPipeline.from_pretrained(out / "pipeline")
+
+
+def write_video_pipeline_cases(out_dir: pathlib.Path) -> None:
+    """OUT/pipeline_sana_video/{pipeline/, <case>.safetensors (noise, latents, videos [B,3,T,H,W]
+    in [0,1] before 8-bit quantisation), cases.json}."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    out = out_dir / "pipeline_sana_video"
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = build_video_pipeline(out, seed=5151)
+    dpm_config = pipe.scheduler.config
+    meta = {}
+    for i, (name, case) in enumerate(VIDEO_PIPELINE_CASES.items()):
+        n = case.get("num_videos_per_prompt", 1)
+        c = pipe.transformer.config.in_channels
+        f, ft = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        lat_t = (case["frames"] - 1) // ft + 1
+        noise = torch.randn(len(VIDEO_PROMPTS) * n, c, lat_t, VIDEO_HEIGHT // f, VIDEO_WIDTH // f,
+                            generator=torch.Generator().manual_seed(i))
+        if case["sampler"] == "dpm":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
+        else:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
+        kw = dict(
+            prompt=VIDEO_PROMPTS, negative_prompt="", num_inference_steps=case["steps"],
+            guidance_scale=case["guidance_scale"], height=VIDEO_HEIGHT, width=VIDEO_WIDTH,
+            frames=case["frames"], num_videos_per_prompt=n, use_resolution_binning=False,
+        )
+        with torch.no_grad():
+            latents = pipe(**kw, latents=noise.clone(), output_type="latent").frames
+            frames = pipe(**kw, latents=noise.clone(), output_type="pt").frames  # [B, T, 3, H, W]
+        save_file({"noise": noise.contiguous(), "latents": latents.float().contiguous(),
+                   "videos": frames.permute(0, 2, 1, 3, 4).float().contiguous()},
+                  str(out / f"{name}.safetensors"))
+        meta[name] = dict(prompts=VIDEO_PROMPTS, negative_prompt="", steps=case["steps"],
+                          guidance_scale=case["guidance_scale"], sampler=case["sampler"],
+                          height=VIDEO_HEIGHT, width=VIDEO_WIDTH, frames=case["frames"],
+                          num_videos_per_prompt=n)
+        print(f"pipeline_sana_video {name}: ok")
+    (out / "cases.json").write_text(json.dumps(meta, indent=1))

@@ -1,4 +1,5 @@
-//! `sana generate`: text to image with a SANA diffusers pipeline directory.
+//! `sana generate`: text to image, or text to video, with a SANA diffusers
+//! pipeline directory (`SanaPipeline` or `SanaVideoPipeline`, from model_index.json).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,13 +10,18 @@ use tch::{Device, Kind, Tensor};
 
 use super::sample::SamplerArg;
 use super::{DeviceArg, DtypeArg};
+use crate::models::modeling_utils::parse_json;
 use crate::models::modeling_utils::read_safetensors;
 use crate::pipelines::pipeline_sana::{write_png, GenerateRequest, Sampler, SanaPipeline};
+use crate::pipelines::pipeline_sana_video::{SanaVideoPipeline, VideoGenerateRequest};
+use crate::pipelines::text_encoding::PromptOptions;
+use crate::video_io::{write_mp4, write_png_frames};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// SANA pipeline directory as `save_pretrained` writes it (model_index.json,
-    /// transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// transformer/, vae/, text_encoder/, tokenizer/, scheduler/). A
+    /// `SanaVideoPipeline` (SANA-Video with the Wan VAE) generates videos.
     #[arg(long)]
     pub model: PathBuf,
     /// A prompt; repeat for several.
@@ -23,18 +29,27 @@ pub struct GenerateArgs {
     pub prompts: Vec<String>,
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (≤ 1 disables it).
-    #[arg(long, default_value_t = 4.5)]
-    pub guidance_scale: f64,
-    #[arg(long, default_value_t = 1024)]
-    pub height: i64,
-    #[arg(long, default_value_t = 1024)]
-    pub width: i64,
-    /// Images per prompt.
+    /// Denoising steps [default: 20 for images, 50 for videos, as diffusers].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale, ≤ 1 disables it [default: 4.5 for images, 6 for videos].
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// [default: 1024 for images, 480 for videos]
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// [default: 1024 for images, 832 for videos]
+    #[arg(long)]
+    pub width: Option<i64>,
+    /// Images (or videos) per prompt.
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
+    /// Video frames, 1 + 4k (video pipelines only) [default: 81].
+    #[arg(long)]
+    pub frames: Option<i64>,
+    /// Frame rate written into the mp4 (video pipelines only).
+    #[arg(long, default_value_t = 16)]
+    pub fps: u32,
     #[arg(long)]
     pub seed: Option<i64>,
     /// `dpm`: the pipeline's scheduler/ config; `euler`: flow-matching Euler with its flow_shift.
@@ -55,13 +70,16 @@ pub struct GenerateArgs {
     /// Strength of the LoRA (diffusers' attention_kwargs={"scale": S}); needs --lora.
     #[arg(long, default_value_t = 1.0, requires = "lora")]
     pub lora_scale: f64,
-    /// safetensors with tensor `noise` [B,C,h,w]: the initial latents (B = prompts × images).
+    /// safetensors with tensor `noise` [B,C,h,w] (video: [B,C,T,h,w]): the initial
+    /// latents (B = prompts × images).
     #[arg(long)]
     pub init_noise: Option<PathBuf>,
     /// Write the final latents (before the VAE) as tensor `latents` to this safetensors file.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// Output: a `.png` path (several images get `_<i>` suffixes) or a directory.
+    /// Output: images: a `.png` path (several images get `_<i>` suffixes) or a
+    /// directory; videos: an `.mp4` path (H.264; several get `_<i>`) or a directory
+    /// of lossless PNG frames `<sample>_<frame>.png`.
     #[arg(long, default_value = "out/generate")]
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
@@ -110,13 +128,31 @@ pub fn load_pipeline(
     Ok(pipe)
 }
 
+/// Whether `dir/model_index.json` names a `SanaVideoPipeline`.
+pub fn is_video_pipeline(dir: &Path) -> anyhow::Result<bool> {
+    let index = dir.join("model_index.json");
+    let text =
+        std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+    let map: serde_json::Value = parse_json(&index, &text)?;
+    Ok(map.get("_class_name").and_then(|v| v.as_str()) == Some("SanaVideoPipeline"))
+}
+
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if is_video_pipeline(&args.model)? {
+        return run_video(args);
+    }
+    if args.frames.is_some() {
+        anyhow::bail!(
+            "--frames: {} is an image pipeline (model_index.json is not a SanaVideoPipeline)",
+            args.model.display()
+        );
+    }
     let device = args.device.resolve()?;
     let kind = DtypeArg::or_default_for(args.dtype, device);
     let pipe = load_pipeline(&args, device, kind)?;
     let req = build_request(&args)?;
 
-    let bar = super::steps_bar(args.steps, "generating");
+    let bar = super::steps_bar(req.num_inference_steps, "generating");
     let t1 = Instant::now();
     let out = pipe.generate(&req, |i, _| bar.set_position(i as u64))?;
     bar.finish();
@@ -132,19 +168,96 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         write_png(&out.images.get(i as i64), p)?;
         tracing::info!(image = %p.display(), "wrote");
     }
-    if let Some(p) = &args.save_latents {
-        let latents: Tensor = out.latents.to_device(Device::Cpu).contiguous();
-        Tensor::write_safetensors(&[("latents", &latents)], p)
-            .with_context(|| format!("writing {}", p.display()))?;
-        tracing::info!(latents = %p.display(), "wrote final latents");
-    }
+    save_latents(&args, &out.latents)?;
     tracing::info!(images = n, seconds = format!("{secs:.2}"), "done");
     Ok(())
 }
 
-/// The `SanaPipeline.__call__` arguments the flags ask for.
-pub fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
-    let init_noise = match &args.init_noise {
+fn save_latents(args: &GenerateArgs, latents: &Tensor) -> anyhow::Result<()> {
+    if let Some(p) = &args.save_latents {
+        let latents: Tensor = latents.to_device(Device::Cpu).contiguous();
+        Tensor::write_safetensors(&[("latents", &latents)], p)
+            .with_context(|| format!("writing {}", p.display()))?;
+        tracing::info!(latents = %p.display(), "wrote final latents");
+    }
+    Ok(())
+}
+
+/// Where each video goes: `--out x.mp4` → x.mp4 (or x_0.mp4, x_1.mp4…); anything
+/// else is a directory of PNG frames, `None` here.
+pub fn video_paths(out: &Path, n: usize) -> Option<Vec<PathBuf>> {
+    let is_mp4 = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("mp4"));
+    if !is_mp4 {
+        return None;
+    }
+    Some(if n == 1 {
+        vec![out.to_path_buf()]
+    } else {
+        let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+        (0..n)
+            .map(|i| out.with_file_name(format!("{stem}_{i}.mp4")))
+            .collect()
+    })
+}
+
+fn run_video(args: GenerateArgs) -> anyhow::Result<()> {
+    let device = args.device.resolve()?;
+    let kind = DtypeArg::or_default_for(args.dtype, device);
+    let t0 = Instant::now();
+    let mut pipe = SanaVideoPipeline::from_pretrained(&args.model, device, kind)
+        .with_context(|| format!("loading video pipeline {}", args.model.display()))?;
+    if let Some(lora) = &args.lora {
+        pipe.load_lora_weights(lora, "default")
+            .with_context(|| format!("loading LoRA {}", lora.display()))?;
+    }
+    tracing::info!(
+        seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+        "pipeline loaded"
+    );
+    let req = build_video_request(&args)?;
+    let bar = super::steps_bar(req.num_inference_steps, "generating video");
+    let t1 = Instant::now();
+    let out = pipe.generate(&req, |i, _| bar.set_position(i as u64))?;
+    bar.finish();
+    let secs = t1.elapsed().as_secs_f64();
+    let n = out.videos.size()[0] as usize;
+    match video_paths(&args.out, n) {
+        Some(paths) => {
+            if let Some(parent) = paths[0].parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            for (i, p) in paths.iter().enumerate() {
+                // [3, T, H, W] → [T, 3, H, W]
+                write_mp4(&out.videos.get(i as i64).transpose(0, 1), p, args.fps)?;
+                tracing::info!(video = %p.display(), fps = args.fps, "wrote");
+            }
+        }
+        None => {
+            for i in 0..n {
+                write_png_frames(
+                    &out.videos.get(i as i64).transpose(0, 1),
+                    &args.out,
+                    &i.to_string(),
+                )?;
+            }
+            tracing::info!(dir = %args.out.display(), "wrote PNG frames <sample>_<frame>.png");
+        }
+    }
+    save_latents(&args, &out.latents)?;
+    tracing::info!(
+        videos = n,
+        frames = out.videos.size()[2],
+        seconds = format!("{secs:.2}"),
+        "done"
+    );
+    Ok(())
+}
+
+fn read_init_noise(args: &GenerateArgs) -> anyhow::Result<Option<Tensor>> {
+    Ok(match &args.init_noise {
         Some(p) => Some(
             read_safetensors(p)?
                 .into_iter()
@@ -153,30 +266,63 @@ pub fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
                 .with_context(|| format!("{}: missing tensor `noise`", p.display()))?,
         ),
         None => None,
-    };
-    let mut req = GenerateRequest {
+    })
+}
+
+fn sampler(args: &GenerateArgs) -> Sampler {
+    match args.sampler {
+        SamplerArg::Dpm => Sampler::Dpm,
+        SamplerArg::Euler => Sampler::Euler,
+    }
+}
+
+fn prompt_options(args: &GenerateArgs, mut opts: PromptOptions) -> PromptOptions {
+    opts.max_sequence_length = args.max_sequence_length;
+    if args.no_complex_human_instruction {
+        opts.complex_human_instruction = None;
+    }
+    opts
+}
+
+/// The `SanaVideoPipeline.__call__` arguments the flags ask for.
+pub fn build_video_request(args: &GenerateArgs) -> anyhow::Result<VideoGenerateRequest> {
+    let d = VideoGenerateRequest::default();
+    Ok(VideoGenerateRequest {
         prompts: args.prompts.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        height: args.height,
-        width: args.width,
-        num_images_per_prompt: args.num_images,
-        sampler: match args.sampler {
-            SamplerArg::Dpm => Sampler::Dpm,
-            SamplerArg::Euler => Sampler::Euler,
-        },
+        num_inference_steps: args.steps.unwrap_or(d.num_inference_steps),
+        guidance_scale: args.guidance_scale.unwrap_or(d.guidance_scale),
+        height: args.height.unwrap_or(d.height),
+        width: args.width.unwrap_or(d.width),
+        frames: args.frames.unwrap_or(d.frames),
+        num_videos_per_prompt: args.num_images,
+        sampler: sampler(args),
         seed: args.seed,
-        init_noise,
+        init_noise: read_init_noise(args)?,
         use_resolution_binning: !args.no_resolution_binning,
+        prompt_options: prompt_options(args, PromptOptions::video()),
         lora_scale: args.lora_scale,
-        ..Default::default()
-    };
-    req.prompt_options.max_sequence_length = args.max_sequence_length;
-    if args.no_complex_human_instruction {
-        req.prompt_options.complex_human_instruction = None;
-    }
-    Ok(req)
+    })
+}
+
+/// The `SanaPipeline.__call__` arguments the flags ask for.
+pub fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
+    let d = GenerateRequest::default();
+    Ok(GenerateRequest {
+        prompts: args.prompts.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        num_inference_steps: args.steps.unwrap_or(d.num_inference_steps),
+        guidance_scale: args.guidance_scale.unwrap_or(d.guidance_scale),
+        height: args.height.unwrap_or(d.height),
+        width: args.width.unwrap_or(d.width),
+        num_images_per_prompt: args.num_images,
+        sampler: sampler(args),
+        seed: args.seed,
+        init_noise: read_init_noise(args)?,
+        use_resolution_binning: !args.no_resolution_binning,
+        prompt_options: prompt_options(args, PromptOptions::default()),
+        lora_scale: args.lora_scale,
+    })
 }
 
 #[cfg(test)]
@@ -280,6 +426,113 @@ mod tests {
     #[test]
     fn lora_parity_diffusers_file_scaled_euler() {
         check("euler_scaled");
+    }
+
+    /// `sana generate` on a video pipeline, from diffusers' initial noise
+    /// (scripts/parity/video.py, case dpm_cfg): PNG frames equal diffusers' frames
+    /// quantised to 8 bits; an `.mp4` holds every frame at the asked fps.
+    #[test]
+    fn video_generate_writes_png_frames_and_mp4() {
+        let Some(dir) = parity_case("pipeline_sana_video") else {
+            return;
+        };
+        let reference = load_named(&dir.join("dpm_cfg.safetensors"));
+        let tmp = tempfile::tempdir().unwrap();
+        let noise = tmp.path().join("noise.safetensors");
+        Tensor::write_safetensors(&[("noise", &reference["noise"])], &noise).unwrap();
+        let model = dir.join("pipeline").display().to_string();
+        let noise = noise.display().to_string();
+        let argv = |out: &Path| {
+            let mut a: Vec<String> = vec![
+                "sana".into(),
+                "generate".into(),
+                "--model".into(),
+                model.clone(),
+            ];
+            for p in [
+                "a red fox running in the snow",
+                "Two cats playing chess, slow pan",
+            ] {
+                a.extend(["--prompt".into(), p.into()]);
+            }
+            for (f, v) in [
+                ("--steps", "4"),
+                ("--guidance-scale", "6"),
+                ("--height", "64"),
+                ("--width", "96"),
+                ("--frames", "5"),
+                ("--fps", "8"),
+                ("--device", "cpu"),
+                ("--dtype", "fp32"),
+            ] {
+                a.extend([f.into(), v.into()]);
+            }
+            a.extend([
+                "--init-noise".into(),
+                noise.clone(),
+                "--no-resolution-binning".into(),
+            ]);
+            a.extend(["--out".into(), out.display().to_string()]);
+            a
+        };
+        let run_cli = |out: &Path| {
+            let Command::Generate(args) = Cli::try_parse_from(argv(out)).unwrap().command else {
+                panic!("not a generate command")
+            };
+            run(args).unwrap();
+        };
+        let frames_dir = tmp.path().join("frames");
+        run_cli(&frames_dir);
+        let want = (&reference["videos"] * 255.0).round().to_kind(Kind::Uint8);
+        for (b, t) in [(0, 0), (0, 4), (1, 2)] {
+            let img = image::open(frames_dir.join(format!("{b}_{t}.png")))
+                .unwrap()
+                .to_rgb8();
+            let got = Tensor::from_slice(img.as_raw())
+                .view([64, 96, 3])
+                .permute([2, 0, 1]);
+            let w = want.get(b).select(1, t);
+            let diff = (got.to_kind(Kind::Int) - w.to_kind(Kind::Int))
+                .abs()
+                .max()
+                .int64_value(&[]);
+            assert!(
+                diff <= 1,
+                "frame {b}_{t} differs from diffusers by {diff}/255"
+            );
+        }
+        assert!(!frames_dir.join("0_5.png").exists());
+
+        let mp4 = tmp.path().join("clip.mp4");
+        run_cli(&mp4);
+        for i in 0..2 {
+            let c =
+                crate::video_io::read_mp4(&tmp.path().join(format!("clip_{i}.mp4")), 0, None, 1)
+                    .unwrap();
+            assert_eq!(c.frames.size(), [5, 64, 96, 3]);
+            assert_eq!(c.info.fps, 8.0);
+        }
+
+        // --frames on an image pipeline is refused.
+        if let Some(img) = parity_case("pipeline_sana") {
+            let Command::Generate(args) = Cli::try_parse_from([
+                "sana",
+                "generate",
+                "--model",
+                &img.join("pipeline").display().to_string(),
+                "--prompt",
+                "x",
+                "--frames",
+                "5",
+            ])
+            .unwrap()
+            .command
+            else {
+                panic!()
+            };
+            let e = run(args).unwrap_err().to_string();
+            assert!(e.contains("image pipeline"), "{e}");
+        }
     }
 
     #[test]

@@ -10,3 +10,7 @@ pub mod text_encoders;
 pub mod transformers;
 
 pub use transformers::sana_transformer::{SanaTransformer2DModel, SanaTransformerConfig};
+pub use transformers::transformer_sana_video::{
+    SanaVideoTransformer3DModel, SanaVideoTransformerConfig,
+};
+pub use transformers::DiffusionTransformer;

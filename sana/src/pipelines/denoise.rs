@@ -1,12 +1,93 @@
 //! The denoising loop of diffusers' `SanaPipeline.__call__` (steps 7ff), from
-//! given initial latents and caption embeddings to the final latents.
+//! given initial latents and caption embeddings to the final latents. The video
+//! pipeline runs the same loop (its timestep is the raw scheduler value).
 
-use tch::{Kind, Tensor};
+use std::path::Path;
 
-use crate::models::transformers::sana_transformer::TransformerInputs;
-use crate::models::SanaTransformer2DModel;
-use crate::schedulers::Scheduler;
+use tch::{Device, Kind, Tensor};
+
+use super::text_encoding::{PromptEmbeds, PromptOptions, SanaTextEncoder};
+
+use crate::models::transformers::{DiffusionTransformer, TransformerInputs};
+use crate::schedulers::{scheduler_from_config_file, FlowMatchEulerDiscreteScheduler, Scheduler};
 use crate::{Result, SanaError};
+
+/// Which sampler drives the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampler {
+    /// The pipeline's own `scheduler/` config (DPM-Solver++ with flow sigmas for SANA).
+    Dpm,
+    /// `FlowMatchEulerDiscreteScheduler` with `shift` = the scheduler config's `flow_shift`.
+    Euler,
+}
+
+impl Sampler {
+    /// A fresh scheduler: `scheduler_config` is the pipeline's `scheduler/scheduler_config.json`.
+    pub fn scheduler(self, scheduler_config: &Path, flow_shift: f64) -> Result<Box<dyn Scheduler>> {
+        Ok(match self {
+            Sampler::Dpm => scheduler_from_config_file(scheduler_config)?,
+            Sampler::Euler => Box::new(FlowMatchEulerDiscreteScheduler::new(flow_shift)),
+        })
+    }
+}
+
+/// `encode_prompt` of both pipelines: the positive embeddings and, with CFG, the
+/// negative prompt's (repeated per prompt and per sample).
+pub fn encode_with_guidance(
+    text_encoder: &SanaTextEncoder,
+    prompts: &[String],
+    negative_prompt: &str,
+    opts: &PromptOptions,
+    do_cfg: bool,
+) -> Result<(Option<PromptEmbeds>, PromptEmbeds)> {
+    if do_cfg {
+        let (n, p) = text_encoder.encode_prompt_with_negative(prompts, negative_prompt, opts)?;
+        Ok((Some(n), p))
+    } else {
+        Ok((None, text_encoder.encode_prompt(prompts, opts)?))
+    }
+}
+
+/// The initial latents: `init_noise` (checked against `shape`; `layout` names the
+/// axes for the error) or fp32 normal noise drawn on the CPU from `seed`, as
+/// diffusers' examples do with a CPU generator, so a seed gives the same noise on
+/// every device.
+pub fn initial_latents(
+    shape: &[i64],
+    layout: &str,
+    init_noise: Option<&Tensor>,
+    seed: Option<i64>,
+    device: Device,
+) -> Result<Tensor> {
+    match init_noise {
+        Some(n) if n.size() != shape => Err(SanaError::input(
+            "init_noise",
+            format!("expected {shape:?} ({layout}), got {:?}", n.size()),
+        )),
+        Some(n) => Ok(n.to_kind(Kind::Float).to_device(device)),
+        None => {
+            if let Some(seed) = seed {
+                tch::manual_seed(seed);
+            }
+            Ok(Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(device))
+        }
+    }
+}
+
+/// The sample loop under diffusers' `attention_kwargs={"scale": s}`: the active
+/// LoRA adapter's scaling is multiplied by `scale` for the call and restored after.
+pub fn with_lora_scale<T>(
+    model: &dyn DiffusionTransformer,
+    scale: f64,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let lora = model.lora();
+    let previous = lora.scale();
+    lora.set_scale(scale)?;
+    let out = f();
+    lora.set_scale(previous)?;
+    out
+}
 
 /// Caption conditioning: `[B, L, D]` embeddings and the `[B, L]` keep-mask.
 pub struct Conditioning<'a> {
@@ -15,7 +96,8 @@ pub struct Conditioning<'a> {
 }
 
 pub struct DenoiseRequest<'a> {
-    /// `[B, C, H, W]` initial noise (already scaled by `init_noise_sigma`).
+    /// `[B, C, H, W]` (image) or `[B, C, T, H, W]` (video) initial noise (already
+    /// scaled by `init_noise_sigma`).
     pub latents: Tensor,
     pub prompt: Conditioning<'a>,
     /// Required when `guidance_scale > 1` (classifier-free guidance).
@@ -26,7 +108,7 @@ pub struct DenoiseRequest<'a> {
 
 /// Runs the loop; `on_step(i, total)` is called after each step (progress bars).
 pub fn denoise(
-    model: &SanaTransformer2DModel,
+    model: &dyn DiffusionTransformer,
     scheduler: &mut dyn Scheduler,
     req: DenoiseRequest<'_>,
     mut on_step: impl FnMut(usize, usize),
@@ -53,8 +135,7 @@ pub fn denoise(
     };
     scheduler.set_timesteps(req.num_inference_steps)?;
     let timesteps = scheduler.timesteps().to_vec();
-    let cfg = &model.config;
-    let latent_channels = cfg.in_channels;
+    let latent_channels = model.in_channels();
     let mut latents = req.latents.to_kind(Kind::Float);
     let device = latents.device();
     let total = timesteps.len();
@@ -70,7 +151,7 @@ pub fn denoise(
         let timestep = Tensor::from_slice(&[t as f32])
             .to_device(device)
             .expand([b], false)
-            * cfg.timestep_scale;
+            * model.timestep_scale();
         let pred = tch::no_grad(|| {
             model.forward(&TransformerInputs {
                 hidden_states: &input,
@@ -88,7 +169,7 @@ pub fn denoise(
             pred
         };
         // Learned-sigma checkpoints predict twice the channels; keep the mean.
-        if cfg.out_channels() / 2 == latent_channels {
+        if model.out_channels() / 2 == latent_channels {
             pred = pred.chunk(2, 1).swap_remove(0);
         }
         latents = scheduler.step(&pred, &latents)?;

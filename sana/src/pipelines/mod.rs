@@ -1,8 +1,9 @@
-//! Sampling loops (`diffusers/pipelines/sana/*`). The text-to-image pipeline
-//! builds on [`denoise`], the loop shared by every SANA pipeline.
+//! Sampling loops (`diffusers/pipelines/sana/*`, `sana_video/*`). The text-to-image
+//! and text-to-video pipelines build on [`denoise`], the loop they share.
 
 pub mod aspect_ratio_bins;
 pub mod denoise;
 pub mod pipeline_sana;
+pub mod pipeline_sana_video;
 pub mod preview;
 pub mod text_encoding;

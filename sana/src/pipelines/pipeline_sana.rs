@@ -8,26 +8,17 @@ use tch::{Device, Kind, Tensor};
 use super::aspect_ratio_bins::{
     ASPECT_RATIO_1024_BIN, ASPECT_RATIO_2048_BIN, ASPECT_RATIO_4096_BIN, ASPECT_RATIO_512_BIN,
 };
-use super::denoise::{denoise, Conditioning, DenoiseRequest};
+pub use super::denoise::Sampler;
+use super::denoise::{
+    denoise, encode_with_guidance, initial_latents, with_lora_scale, Conditioning, DenoiseRequest,
+};
 use super::text_encoding::{sub_folder, PromptOptions, SanaTextEncoder};
 use crate::lora::AdapterFormat;
 use crate::models::autoencoders::autoencoder_dc::AutoencoderDC;
 use crate::models::modeling_utils::parse_json;
 use crate::models::SanaTransformer2DModel;
-use crate::schedulers::{
-    scheduler_from_config_file, DPMSolverMultistepConfig, FlowMatchEulerDiscreteScheduler,
-    Scheduler,
-};
+use crate::schedulers::{DPMSolverMultistepConfig, Scheduler};
 use crate::{Result, SanaError};
-
-/// Which sampler drives the loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sampler {
-    /// The pipeline's own `scheduler/` config (DPM-Solver++ with flow sigmas for SANA).
-    Dpm,
-    /// `FlowMatchEulerDiscreteScheduler` with `shift` = the scheduler config's `flow_shift`.
-    Euler,
-}
 
 /// One `SanaPipeline.__call__`.
 #[derive(Debug)]
@@ -129,10 +120,7 @@ impl SanaPipeline {
     }
 
     fn scheduler(&self, sampler: Sampler) -> Result<Box<dyn Scheduler>> {
-        Ok(match sampler {
-            Sampler::Dpm => scheduler_from_config_file(&self.scheduler_config)?,
-            Sampler::Euler => Box::new(FlowMatchEulerDiscreteScheduler::new(self.flow_shift)),
-        })
+        sampler.scheduler(&self.scheduler_config, self.flow_shift)
     }
 
     /// `(height, width)` to generate at: diffusers' resolution bins for the
@@ -170,12 +158,9 @@ impl SanaPipeline {
         req: &GenerateRequest,
         on_step: impl FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
-        let lora = &self.transformer.lora;
-        let previous_scale = lora.scale();
-        lora.set_scale(req.lora_scale)?;
-        let out = self.generate_inner(req, on_step);
-        lora.set_scale(previous_scale)?;
-        out
+        with_lora_scale(&self.transformer, req.lora_scale, || {
+            self.generate_inner(req, on_step)
+        })
     }
 
     fn generate_inner(
@@ -212,37 +197,22 @@ impl SanaPipeline {
         let do_cfg = req.guidance_scale > 1.0;
         let mut opts = req.prompt_options.clone();
         opts.num_images_per_prompt = req.num_images_per_prompt;
-        let (negative, positive) = if do_cfg {
-            let (n, p) = self.text_encoder.encode_prompt_with_negative(
-                &req.prompts,
-                &req.negative_prompt,
-                &opts,
-            )?;
-            (Some(n), p)
-        } else {
-            (None, self.text_encoder.encode_prompt(&req.prompts, &opts)?)
-        };
-
+        let (negative, positive) = encode_with_guidance(
+            &self.text_encoder,
+            &req.prompts,
+            &req.negative_prompt,
+            &opts,
+            do_cfg,
+        )?;
         let b = (req.prompts.len() * req.num_images_per_prompt) as i64;
         let c = self.transformer.config.in_channels;
-        let shape = [b, c, height / f, width / f];
-        let latents = match &req.init_noise {
-            Some(n) if n.size() != shape => {
-                return Err(SanaError::input(
-                    "init_noise",
-                    format!("expected {shape:?} (prompts × images, latent channels, H/{f}, W/{f}), got {:?}", n.size()),
-                ))
-            }
-            Some(n) => n.to_kind(Kind::Float).to_device(device),
-            None => {
-                if let Some(seed) = req.seed {
-                    tch::manual_seed(seed);
-                }
-                // Drawn on the CPU, as diffusers' examples do with a CPU generator, so a seed
-                // gives the same noise on every device.
-                Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(device)
-            }
-        };
+        let latents = initial_latents(
+            &[b, c, height / f, width / f],
+            &format!("prompts × images, latent channels, H/{f}, W/{f}"),
+            req.init_noise.as_ref(),
+            req.seed,
+            device,
+        )?;
         let mut scheduler = self.scheduler(req.sampler)?;
         let latents = denoise(
             &self.transformer,

@@ -39,6 +39,19 @@ pub const COMPLEX_HUMAN_INSTRUCTION: [&str; 8] = [
     "User Prompt: ",
 ];
 
+/// `SanaVideoPipeline.__call__`'s default `complex_human_instruction`: the image one
+/// reworded for motion and time.
+pub const VIDEO_COMPLEX_HUMAN_INSTRUCTION: [&str; 8] = [
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for video generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, motion, and temporal relationships to create vivid and dynamic scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat slowly settling into a curled position, peacefully falling asleep on a warm sunny windowsill, with gentle sunlight filtering through surrounding pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps gradually lighting up, a diverse crowd of people in colorful clothing walking past, and a double-decker bus smoothly passing by towering glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
+    "User Prompt: ",
+];
+
 /// The knobs of `SanaPipeline.encode_prompt`, with `SanaPipeline.__call__`'s defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptOptions {
@@ -48,6 +61,21 @@ pub struct PromptOptions {
     /// Never applied to the negative prompt.
     pub complex_human_instruction: Option<Vec<String>>,
     pub num_images_per_prompt: usize,
+}
+
+impl PromptOptions {
+    /// `SanaVideoPipeline`'s defaults: the same, with the video instruction.
+    pub fn video() -> Self {
+        Self {
+            complex_human_instruction: Some(
+                VIDEO_COMPLEX_HUMAN_INSTRUCTION
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            ),
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for PromptOptions {

@@ -439,7 +439,7 @@ impl SanaTransformerBlock {
 /// Inputs of one transformer forward, as diffusers' `forward` takes them.
 #[derive(Debug)]
 pub struct TransformerInputs<'a> {
-    /// `[B, C, H, W]` latents.
+    /// `[B, C, H, W]` latents (`[B, C, T, H, W]` for the video model).
     pub hidden_states: &'a Tensor,
     /// `[B, L, caption_channels]` text-encoder states.
     pub encoder_hidden_states: &'a Tensor,

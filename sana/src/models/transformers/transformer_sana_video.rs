@@ -10,7 +10,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::sana_transformer::{BlockAttention, BlockAttentionConfig, GLUMBConv, TimeEmbed};
+use super::sana_transformer::{
+    BlockAttention, BlockAttentionConfig, GLUMBConv, TimeEmbed, TransformerInputs,
+};
 use crate::lora::LoraAdapters;
 use crate::models::attention_processor::{mask_to_bias, Attention, QkNorm};
 use crate::models::embeddings::PixArtAlphaTextProjection;
@@ -355,20 +357,6 @@ impl SanaVideoTransformerBlock {
     }
 }
 
-/// The inputs of one forward.
-pub struct VideoTransformerInputs<'a> {
-    /// `[B, C, T, H, W]` latents.
-    pub hidden_states: &'a Tensor,
-    /// `[B, L, caption_channels]`.
-    pub encoder_hidden_states: &'a Tensor,
-    /// `[B]` on the 0..1000 scale (the pipeline passes the scheduler's value).
-    pub timestep: &'a Tensor,
-    /// `[B]` (guidance_embeds models only).
-    pub guidance: Option<&'a Tensor>,
-    /// `[B, L]`: 1 keep, 0 padding.
-    pub encoder_attention_mask: Option<&'a Tensor>,
-}
-
 pub struct SanaVideoTransformer3DModel {
     pub config: SanaVideoTransformerConfig,
     pub vs: nn::VarStore,
@@ -489,7 +477,7 @@ impl SanaVideoTransformer3DModel {
         self.vs.device()
     }
 
-    fn check_inputs(&self, x: &VideoTransformerInputs<'_>) -> Result<[i64; 3]> {
+    fn check_inputs(&self, x: &TransformerInputs<'_>) -> Result<[i64; 3]> {
         let c = &self.config;
         let s = x.hidden_states.size();
         if s.len() != 5 || s[1] != c.in_channels {
@@ -551,7 +539,7 @@ impl SanaVideoTransformer3DModel {
     }
 
     /// The velocity prediction `[B, out_channels, T, H, W]`.
-    pub fn forward(&self, x: &VideoTransformerInputs<'_>) -> Result<Tensor> {
+    pub fn forward(&self, x: &TransformerInputs<'_>) -> Result<Tensor> {
         let [f, h, w] = self.check_inputs(x)?;
         let kind = self.kind();
         let dev = self.device();
@@ -623,7 +611,7 @@ mod tests {
         let x = load_named(&dir.join("inputs.safetensors"));
         let want = &load_named(&dir.join("outputs.safetensors"))["sample"];
         let got = tch::no_grad(|| {
-            model.forward(&VideoTransformerInputs {
+            model.forward(&TransformerInputs {
                 hidden_states: &x["hidden_states"],
                 encoder_hidden_states: &x["encoder_hidden_states"],
                 timestep: &x["timestep"],
@@ -686,7 +674,7 @@ mod tests {
         let x = load_named(&dir.join("inputs.safetensors"));
         let run = |m: &SanaVideoTransformer3DModel| {
             tch::no_grad(|| {
-                m.forward(&VideoTransformerInputs {
+                m.forward(&TransformerInputs {
                     hidden_states: &x["hidden_states"],
                     encoder_hidden_states: &x["encoder_hidden_states"],
                     timestep: &x["timestep"],
@@ -746,7 +734,7 @@ mod tests {
         let t = Tensor::zeros([1], f);
         let run = |x: &Tensor| {
             model
-                .forward(&VideoTransformerInputs {
+                .forward(&TransformerInputs {
                     hidden_states: x,
                     encoder_hidden_states: &enc,
                     timestep: &t,

@@ -3,8 +3,9 @@
 does something: a LoRA folder (adapter_config.json + adapter_model.safetensors +
 pytorch_lora_weights.safetensors) through PeftModel.from_pretrained and
 SanaPipeline.load_lora_weights, or a full-weight transformer/ folder through
-SanaTransformer2DModel.from_pretrained. Each must load and give a finite output
-that differs from the base model's on the same random inputs.
+SanaTransformer2DModel.from_pretrained. A SanaVideoPipeline's exports load into
+SanaVideoTransformer3DModel / SanaVideoPipeline the same way. Each must load and
+give a finite output that differs from the base model's on the same random inputs.
 
 Usage: check_export_loads.py PIPELINE_DIR EXPORT_DIR
 Prints one JSON line; exits 1 on a failure.
@@ -13,13 +14,14 @@ import json
 import sys
 
 import torch
-from diffusers import SanaPipeline, SanaTransformer2DModel
+from diffusers import SanaPipeline, SanaTransformer2DModel, SanaVideoPipeline, SanaVideoTransformer3DModel
 from peft import PeftModel
 
 
 def run(model, cfg):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    shape = (2, cfg.in_channels, 3, 8, 8) if isinstance(cfg.patch_size, (list, tuple)) else (2, cfg.in_channels, 8, 8)
+    x = torch.randn(*shape, generator=g)
     enc = torch.randn(2, 5, cfg.caption_channels, generator=g)
     with torch.no_grad():
         return model(x, encoder_hidden_states=enc, timestep=torch.tensor([700.0, 300.0]), return_dict=False)[0]
@@ -27,18 +29,21 @@ def run(model, cfg):
 
 def main():
     pipe_dir, export = sys.argv[1], sys.argv[2]
-    base = SanaTransformer2DModel.from_pretrained(pipe_dir, subfolder="transformer").eval()
+    import pathlib
+    video = json.loads((pathlib.Path(pipe_dir) / "model_index.json").read_text())["_class_name"] == "SanaVideoPipeline"
+    Transformer = SanaVideoTransformer3DModel if video else SanaTransformer2DModel
+    Pipeline = SanaVideoPipeline if video else SanaPipeline
+    base = Transformer.from_pretrained(pipe_dir, subfolder="transformer").eval()
     ref = run(base, base.config)
     outs = {}
-    import pathlib
     ex = pathlib.Path(export)
     if (ex / "transformer").is_dir():
-        full = SanaTransformer2DModel.from_pretrained(ex / "transformer", torch_dtype=torch.float32).eval()
+        full = Transformer.from_pretrained(ex / "transformer", torch_dtype=torch.float32).eval()
         outs["diffusers_from_pretrained"] = run(full, full.config)
     else:
-        peft = PeftModel.from_pretrained(SanaTransformer2DModel.from_pretrained(pipe_dir, subfolder="transformer"), export).eval()
+        peft = PeftModel.from_pretrained(Transformer.from_pretrained(pipe_dir, subfolder="transformer"), export).eval()
         outs["peft"] = run(peft, base.config)
-        pipe = SanaPipeline.from_pretrained(pipe_dir)
+        pipe = Pipeline.from_pretrained(pipe_dir)
         pipe.load_lora_weights(export, weight_name="pytorch_lora_weights.safetensors")
         outs["diffusers_load_lora_weights"] = run(pipe.transformer.eval(), base.config)
     report = {k: {"finite": bool(torch.isfinite(v).all()), "diff_vs_base": float((v - ref).abs().max())}

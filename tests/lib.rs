@@ -92,16 +92,19 @@ pub fn python() -> PathBuf {
     Path::new(&venv).join("bin/python")
 }
 
-/// A tiny random-weight SANA pipeline, written once per test process by
-/// scripts/make_random_pipeline.py (diffusers' own save_pretrained).
-pub fn tiny_pipeline() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sana-rl-e2e-pipeline-{}", std::process::id()));
+/// A random-weight pipeline written once per test process by
+/// scripts/make_random_pipeline.py (diffusers' own save_pretrained): `kind` is
+/// `tiny` (SanaPipeline) or `video` (SanaVideoPipeline).
+fn random_pipeline(kind: &str, cell: &'static OnceLock<PathBuf>) -> &'static Path {
+    cell.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "sana-rl-e2e-pipeline-{kind}-{}",
+            std::process::id()
+        ));
         let out = Command::new(python())
             .arg(repo_root().join("scripts/make_random_pipeline.py"))
             .arg(&dir)
-            .arg("tiny")
+            .arg(kind)
             .output()
             .unwrap();
         assert!(
@@ -111,6 +114,18 @@ pub fn tiny_pipeline() -> &'static Path {
         );
         dir.join("pipeline")
     })
+}
+
+/// A tiny random-weight SANA (image) pipeline.
+pub fn tiny_pipeline() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    random_pipeline("tiny", &DIR)
+}
+
+/// A tiny random-weight SanaVideoPipeline (video transformer + Wan VAE).
+pub fn tiny_video_pipeline() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    random_pipeline("video", &DIR)
 }
 
 /// The NFT demo config with the model, prompts and output directory replaced.
@@ -131,7 +146,7 @@ pub fn demo_config(dir: &Path, output_dir: &Path, edits: &[(&str, &str)]) -> Pat
     )
 }
 
-/// `configs/demo/<template>` with the tiny pipeline as its model, `output_dir`
+/// `configs/demo/<template>` with the tiny (image or video) pipeline as its model, `output_dir`
 /// replacing `template_out`, and `edits` applied; written to `dir/run.toml`.
 pub fn config_from(
     template: &str,
@@ -142,11 +157,19 @@ pub fn config_from(
 ) -> PathBuf {
     let mut text =
         std::fs::read_to_string(repo_root().join("configs/demo").join(template)).unwrap();
-    let mut reps = vec![
+    let model = if text.contains("out/tiny-sana-video/pipeline") {
+        (
+            "model_name_or_path = \"out/tiny-sana-video/pipeline\"".to_string(),
+            format!("model_name_or_path = {:?}", tiny_video_pipeline()),
+        )
+    } else {
         (
             "model_name_or_path = \"out/tiny-sana/pipeline\"".to_string(),
             format!("model_name_or_path = {:?}", tiny_pipeline()),
-        ),
+        )
+    };
+    let mut reps = vec![
+        model,
         (
             format!("output_dir = {template_out:?}"),
             format!("output_dir = {output_dir:?}"),

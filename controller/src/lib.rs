@@ -881,7 +881,12 @@ async fn step_loop(
             cfg.train.train_policy.dataloader_seed ^ seed,
             plan.prompts_per_step,
         );
-        let images = if log.wants_images(step) { 15 } else { 0 };
+        // Cosmos-RL logs 15 rollouts; videos are heavier, so fewer of them.
+        let images = match (log.wants_images(step), cfg.policy.diffusers.is_video) {
+            (false, _) => 0,
+            (true, false) => 15,
+            (true, true) => 4,
+        };
         let batch = prompt_batch(step, seed, version, &items, g, false, images);
         let traj = rollout_all(job, batch, &format!("step {step}: rollout"))
             .instrument(span.clone())

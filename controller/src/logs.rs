@@ -13,6 +13,9 @@ use sana::data::prompts::PromptItem;
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
+/// Logged rollout videos play at Cosmos-RL's 8 fps.
+const VIDEO_LOG_FPS: u32 = 8;
+
 pub struct RunLog {
     dir: PathBuf,
     metrics: File,
@@ -131,10 +134,13 @@ impl RunLog {
         t: &Trajectories,
         images: &proto::runtime::v1::TensorData,
     ) -> anyhow::Result<()> {
-        let img = tensor_wire::from_wire(images)?; // [K, H, W, 3] uint8
+        let img = tensor_wire::from_wire(images)?; // [K, H, W, 3] (videos [K, T, H, W, 3]) uint8
         let k = img.size()[0];
         if k == 0 {
             return Ok(());
+        }
+        if img.dim() == 5 {
+            return self.rollout_videos(step, prompts, t, &img);
         }
         let cols = (k as f64).sqrt().ceil() as i64;
         let rows = (k + cols - 1) / cols;
@@ -162,6 +168,38 @@ impl RunLog {
                 })
             })
             .collect();
+        std::fs::write(
+            dir.join(format!("step_{step}.json")),
+            serde_json::to_string_pretty(&captions)?,
+        )?;
+        Ok(())
+    }
+
+    /// Video rollouts: one H.264 mp4 each (`mm_data/step_<s>_<i>.mp4`, at the
+    /// rollout frame rate) and `step_<s>.json` with their prompts and rewards.
+    fn rollout_videos(
+        &self,
+        step: u64,
+        prompts: &[(usize, PromptItem)],
+        t: &Trajectories,
+        videos: &Tensor,
+    ) -> anyhow::Result<()> {
+        let dir = self.dir.join("mm_data");
+        std::fs::create_dir_all(&dir)?;
+        let g = (t.scores.len() / prompts.len().max(1)).max(1);
+        let mut captions = Vec::new();
+        for i in 0..videos.size()[0] {
+            let file = format!("step_{step}_{i}.mp4");
+            let frames = videos.get(i).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+            sana::video_io::write_mp4(&frames, &dir.join(&file), VIDEO_LOG_FPS)?;
+            let s = &t.scores[i as usize];
+            captions.push(json!({
+                "video": file,
+                "prompt": prompts.get(i as usize / g).map(|p| p.1.text.clone()).unwrap_or_default(),
+                "reward": s.reward,
+                "advantage": s.advantage,
+            }));
+        }
         std::fs::write(
             dir.join(format!("step_{step}.json")),
             serde_json::to_string_pretty(&captions)?,

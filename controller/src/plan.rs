@@ -217,26 +217,32 @@ impl Plan {
         }
         if kind == RunKind::Sft {
             let dir = base.join(&tp.dataset.local_dir);
-            match sana::data::image_folder::ImageFolder::open(&dir) {
-                Ok(f) => {
+            // (samples, unpaired): clips for a video run, images otherwise.
+            let listed = if c.policy.diffusers.is_video {
+                sana::data::video_folder::VideoFolder::open(&dir).map(|f| (f.len(), f.unpaired))
+            } else {
+                sana::data::image_folder::ImageFolder::open(&dir).map(|f| (f.len(), f.unpaired))
+            };
+            match listed {
+                Ok((len, unpaired)) => {
                     let per_step = c.train.train_batch_per_replica.max(1);
                     // drop_last, as Cosmos-RL's loader: whole batches only.
-                    let per_epoch = (f.len() / per_step) as u64;
+                    let per_epoch = (len / per_step) as u64;
                     if per_epoch == 0 {
                         bail!(
                             "train.train_batch_per_replica = {per_step} is larger than the {} samples in {}",
-                            f.len(),
+                            len,
                             dir.display()
                         );
                     }
                     total_steps = total_steps.min(per_epoch * c.train.epoch);
-                    if f.unpaired > 0 {
+                    if unpaired > 0 {
                         warnings.push(format!(
-                            "{} SFT samples without an image or a prompt are skipped",
-                            f.unpaired
+                            "{} SFT samples without their media or a prompt are skipped",
+                            unpaired
                         ));
                     }
-                    dataset = Some(("sft folder".into(), dir, f.len()));
+                    dataset = Some(("sft folder".into(), dir, len));
                 }
                 Err(e) => warnings.push(e.to_string()),
             }
@@ -370,12 +376,13 @@ impl Plan {
             );
             let _ = writeln!(
                 s,
-                "sampling   {} steps, solver {}, guidance {}, {}×{}, nft_beta {}, kl_beta {}, old-copy decay type {}",
+                "sampling   {} steps, solver {}, guidance {}, {}×{}{}, nft_beta {}, kl_beta {}, old-copy decay type {}",
                 d.sample.num_steps,
                 d.sample.solver,
                 d.sample.guidance_scale,
                 d.inference_size[0],
                 d.inference_size[1],
+                frames_note(d),
                 d.nft_beta,
                 tp.kl_beta,
                 d.weight_copy_decay_type
@@ -408,8 +415,9 @@ impl Plan {
         } else {
             let _ = writeln!(
                 s,
-                "batch      {} samples/step per rank; mini_batch {}; timesteps {} (mean {}, std {}), train_flow_shift {}",
+                "batch      {} samples/step per rank{}; mini_batch {}; timesteps {} (mean {}, std {}), train_flow_shift {}",
                 c.train.train_batch_per_replica,
+                frames_note(d),
                 tp.mini_batch,
                 d.weighting_scheme,
                 d.logit_mean,
@@ -417,9 +425,12 @@ impl Plan {
                 d.train_flow_shift
             );
             let _ = match &self.dataset {
-                Some((_, path, n)) => {
-                    writeln!(s, "data       {n} image/prompt pairs in {}", path.display())
-                }
+                Some((_, path, n)) => writeln!(
+                    s,
+                    "data       {n} {}/prompt pairs in {}",
+                    if d.is_video { "mp4" } else { "image" },
+                    path.display()
+                ),
                 None => writeln!(s, "data       {} (not readable here)", tp.dataset.local_dir),
             };
         }
@@ -464,5 +475,15 @@ impl Plan {
             let _ = writeln!(s, "warning    {w}");
         }
         s
+    }
+}
+
+/// A video run's frame count, for the plan (Cosmos-RL trains and samples
+/// `train_frames`).
+fn frames_note(d: &sana::config::DiffusersSection) -> String {
+    if d.is_video {
+        format!(", video {} frames", d.train_frames)
+    } else {
+        String::new()
     }
 }

@@ -19,9 +19,11 @@ use sana::config::runtime::{
 };
 use sana::config::{RunConfig, RunKind};
 use sana::data::image_folder::{load_batch, ImageFolder};
+use sana::data::video_folder::{load_video_batch, ClipSpec, VideoFolder};
 use sana::models::modeling_utils::SaveOptions;
-use sana::models::SanaTransformer2DModel;
-use sana::pipelines::pipeline_sana::SanaPipeline;
+use sana::models::transformers::load_transformer;
+use sana::models::DiffusionTransformer;
+use sana::pipelines::auto_pipeline::AutoPipeline;
 use sana::pipelines::text_encoding::PromptOptions;
 use sana::schedulers::DPMSolverMultistepConfig;
 use sana::training::checkpoint::{CheckpointManager, SaveMode, TrainingState};
@@ -68,18 +70,23 @@ pub struct WorkerSetup {
 /// What this worker trains.
 enum Job {
     Nft {
-        model: Box<SanaTransformer2DModel>,
+        model: Box<dyn DiffusionTransformer>,
         trainer: Box<NftTrainer>,
     },
     /// SFT needs the VAE and text encoder too: samples are encoded here.
     Sft {
-        pipeline: Box<SanaPipeline>,
+        pipeline: Box<AutoPipeline>,
         trainer: Box<SftTrainer>,
-        folder: ImageFolder,
-        size: i64,
+        data: SftData,
         prompts: PromptOptions,
         export: SaveOptions,
     },
+}
+
+/// SFT's local folder: images (`name.jpg`) or clips (`name.mp4`), with how to size them.
+enum SftData {
+    Images { folder: ImageFolder, size: i64 },
+    Videos { folder: VideoFolder, clip: ClipSpec },
 }
 
 struct State {
@@ -109,7 +116,7 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 /// Adds the trained adapter ("default": from `lora_path` or freshly initialised).
 fn add_trained_adapter(
-    model: &mut SanaTransformer2DModel,
+    model: &mut dyn DiffusionTransformer,
     c: &RunConfig,
     base: &std::path::Path,
 ) -> anyhow::Result<Option<sana::lora::LoraConfig>> {
@@ -123,11 +130,11 @@ fn add_trained_adapter(
         Some(p) => {
             let path = base.join(p);
             model
-                .lora
+                .lora_mut()
                 .load_adapter(TRAINED_ADAPTER, &path)
                 .with_context(|| format!("policy.lora.lora_path {}", path.display()))?;
         }
-        None => model.lora.add_adapter(TRAINED_ADAPTER, &lcfg)?,
+        None => model.lora_mut().add_adapter(TRAINED_ADAPTER, &lcfg)?,
     }
     Ok(Some(lcfg))
 }
@@ -189,28 +196,27 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
     // Master weights in fp32; compute in fp32 too (mixed precision arrives with FSDP).
     let job = match c.run_kind() {
         RunKind::Nft => {
-            let mut model = SanaTransformer2DModel::from_pretrained(
-                &model_dir.join("transformer"),
-                setup.device,
-                Kind::Float,
-            )
-            .with_context(|| format!("loading the transformer of {}", model_dir.display()))?;
-            let lcfg = add_trained_adapter(&mut model, c, &setup.base_dir)?
+            let mut model =
+                load_transformer(&model_dir.join("transformer"), setup.device, Kind::Float)
+                    .with_context(|| {
+                        format!("loading the transformer of {}", model_dir.display())
+                    })?;
+            let lcfg = add_trained_adapter(model.as_mut(), c, &setup.base_dir)?
                 .context("DiffusionNFT trains a LoRA: [policy.lora] is required")?;
-            model.lora.add_adapter(OLD_ADAPTER, &lcfg)?;
+            model.lora_mut().add_adapter(OLD_ADAPTER, &lcfg)?;
             let mut trainer =
-                NftTrainer::new(&mut model, nft_trainer_config(c, setup.total_steps)?)?;
+                NftTrainer::new(model.as_mut(), nft_trainer_config(c, setup.total_steps)?)?;
             trainer.dp = data_parallel(setup)?;
             Job::Nft {
-                model: Box::new(model),
+                model,
                 trainer: Box::new(trainer),
             }
         }
         RunKind::Sft => {
-            let mut pipeline = SanaPipeline::from_pretrained(&model_dir, setup.device, Kind::Float)
+            let mut pipeline = AutoPipeline::from_pretrained(&model_dir, setup.device, Kind::Float)
                 .with_context(|| format!("loading the pipeline {}", model_dir.display()))?;
-            add_trained_adapter(&mut pipeline.transformer, c, &setup.base_dir)?;
-            let dpm = DPMSolverMultistepConfig::from_json_file(&pipeline.scheduler_config)?;
+            add_trained_adapter(pipeline.transformer_mut(), c, &setup.base_dir)?;
+            let dpm = DPMSolverMultistepConfig::from_json_file(pipeline.scheduler_config())?;
             let timesteps = SftTimesteps::new(&dpm, c.policy.diffusers.train_flow_shift)?;
             let config = sft_trainer_config(c, setup.total_steps)?;
             let dp = data_parallel(setup)?;
@@ -221,7 +227,7 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
                 && c.policy.parallelism.dp_shard_size != 1;
             let trainer = if shard {
                 SftTrainer::new_fsdp(
-                    &mut pipeline.transformer,
+                    pipeline.transformer_mut(),
                     config,
                     timesteps,
                     dp,
@@ -229,27 +235,41 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
                     c.train.fsdp_reshard_after_forward != "false",
                 )?
             } else {
-                let mut t = SftTrainer::new(&mut pipeline.transformer, config, timesteps)?;
+                let mut t = SftTrainer::new(pipeline.transformer_mut(), config, timesteps)?;
                 t.dp = dp;
                 t
             };
-            let folder =
-                ImageFolder::open(&setup.base_dir.join(&c.train.train_policy.dataset.local_dir))?;
-            if folder.unpaired > 0 {
+            let dir = setup.base_dir.join(&c.train.train_policy.dataset.local_dir);
+            let d = &c.policy.diffusers;
+            let data = if pipeline.is_video() {
+                let folder = VideoFolder::open(&dir)?;
+                let clip = ClipSpec {
+                    frames: d.train_frames.max(1) as usize,
+                    height: d.inference_size[0],
+                    width: d.inference_size[1],
+                    seed: c.seed(),
+                    // A bounded pool: decoding must not starve the training threads.
+                    threads: std::thread::available_parallelism()
+                        .map_or(2, |n| n.get())
+                        .min(4),
+                };
+                (folder.unpaired, SftData::Videos { folder, clip })
+            } else {
+                let folder = ImageFolder::open(&dir)?;
+                let size = d.inference_size[0];
+                (folder.unpaired, SftData::Images { folder, size })
+            };
+            if data.0 > 0 {
                 tracing::warn!(
-                    unpaired = folder.unpaired,
-                    "SFT samples without image or prompt are skipped"
+                    unpaired = data.0,
+                    "SFT samples without their media or prompt are skipped"
                 );
             }
             Job::Sft {
+                prompts: pipeline.prompt_options(d.max_prompt_length),
                 pipeline: Box::new(pipeline),
                 trainer: Box::new(trainer),
-                folder,
-                size: c.policy.diffusers.inference_size[0],
-                prompts: PromptOptions {
-                    max_sequence_length: c.policy.diffusers.max_prompt_length,
-                    ..Default::default()
-                },
+                data: data.1,
                 export: SaveOptions {
                     kind: Some(kind_of(&c.train.param_dtype)?),
                     ..Default::default()
@@ -350,7 +370,7 @@ impl PolicyWorker for PolicyService {
             };
             let started = Instant::now();
             let m = trainer
-                .train_step(model, &batch)
+                .train_step(model.as_ref(), &batch)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(Response::new(StepResult {
                 step: m.step,
@@ -369,8 +389,7 @@ impl PolicyWorker for PolicyService {
             let Job::Sft {
                 pipeline,
                 trainer,
-                folder,
-                size,
+                data,
                 prompts,
                 ..
             } = &mut s.job
@@ -387,31 +406,38 @@ impl PolicyWorker for PolicyService {
             }
             let started = Instant::now();
             let indices: Vec<usize> = req.indices.iter().map(|&i| i as usize).collect();
-            let (images, texts, skipped) = load_batch(folder, &indices, *size);
-            let Some(images) = images else {
+            let (media, texts, skipped) = match data {
+                SftData::Images { folder, size } => load_batch(folder, &indices, *size),
+                SftData::Videos { folder, clip } => {
+                    // Each step cuts its own windows, the same again on a resume.
+                    let spec = ClipSpec {
+                        seed: clip.seed ^ step.wrapping_mul(0x2545_F491_4F6C_DD1D),
+                        ..*clip
+                    };
+                    load_video_batch(folder, &indices, &spec)
+                }
+            };
+            let Some(media) = media else {
                 return Err(Status::data_loss(format!(
                     "step {step}: none of the {} samples could be read (see the worker log)",
                     indices.len()
                 )));
             };
-            let device = pipeline.transformer.device();
-            // Encoders frozen, in no_grad: SANA's latents are the DC-AE's times its scaling factor.
+            // Encoders frozen, in no_grad (AutoPipeline::encode: the VAE's latents as
+            // the transformer learns them).
             let (latents, emb) = tch::no_grad(|| -> sana::Result<_> {
-                let z = pipeline
-                    .vae
-                    .encode(&images.to_device(device).to_kind(pipeline.vae.kind()))?;
-                let latents = (z * pipeline.vae.scaling_factor()).to_kind(Kind::Float);
-                let emb = pipeline.text_encoder.encode_prompt(&texts, prompts)?;
+                let latents = pipeline.encode(&media)?;
+                let emb = pipeline.text_encoder().encode_prompt(&texts, prompts)?;
                 Ok((latents, emb))
             })
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let batch = SftTensors {
                 latents,
-                prompt_embeds: emb.embeds.to_kind(pipeline.transformer.kind()),
+                prompt_embeds: emb.embeds.to_kind(pipeline.transformer().kind()),
                 prompt_attention_mask: emb.mask,
             };
             let m = trainer
-                .train_step(&pipeline.transformer, &batch)
+                .train_step(pipeline.transformer(), &batch)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(Response::new(StepResult {
                 step: m.step,
@@ -447,14 +473,14 @@ impl PolicyWorker for PolicyService {
                 // validates with; copied out while they are swapped in.
                 let named = if which == EMA_WEIGHTS {
                     trainer.params.with_ema_weights(|| {
-                        model.lora.state_dict(TRAINED_ADAPTER).map(|v| {
+                        model.lora().state_dict(TRAINED_ADAPTER).map(|v| {
                             v.into_iter()
                                 .map(|(n, t)| (n, t.copy()))
                                 .collect::<Vec<_>>()
                         })
                     })
                 } else {
-                    model.lora.state_dict(OLD_ADAPTER)
+                    model.lora().state_dict(OLD_ADAPTER)
                 }
                 .map_err(internal)?;
                 let tensors = named
@@ -499,7 +525,9 @@ impl PolicyWorker for PolicyService {
                     .map_err(|e| Status::invalid_argument(format!("controller_state_json: {e}")))?
             };
             let state: TrainingState = match &s.job {
-                Job::Nft { model, trainer } => trainer.state(model, data).map_err(internal)?,
+                Job::Nft { model, trainer } => {
+                    trainer.state(model.as_ref(), data).map_err(internal)?
+                }
                 Job::Sft { trainer, .. } => trainer.state(data).map_err(internal)?,
             };
             if rank0 {
@@ -516,7 +544,9 @@ impl PolicyWorker for PolicyService {
             if req.export {
                 let dir = out.join("safetensors").join(format!("step_{}", state.step));
                 match &s.job {
-                    Job::Nft { model, trainer } if rank0 => trainer.export_adapter(model, &dir),
+                    Job::Nft { model, trainer } if rank0 => {
+                        trainer.export_adapter(model.as_ref(), &dir)
+                    }
                     Job::Nft { .. } => Ok(()),
                     // Full weights: a diffusers transformer/ folder in param_dtype.
                     Job::Sft {
@@ -525,12 +555,12 @@ impl PolicyWorker for PolicyService {
                         export,
                         ..
                     } => {
-                        let target = if pipeline.transformer.lora.adapter_names().is_empty() {
+                        let target = if pipeline.transformer().lora().adapter_names().is_empty() {
                             dir.join("transformer")
                         } else {
                             dir.clone()
                         };
-                        trainer.export(&pipeline.transformer, &target, export)
+                        trainer.export(pipeline.transformer(), &target, export)
                     }
                 }
                 .map_err(internal)?;
@@ -554,7 +584,7 @@ impl PolicyWorker for PolicyService {
                 return Ok(Response::new(ResumeReply::default()));
             };
             let data = match &mut s.job {
-                Job::Nft { model, trainer } => trainer.restore(model, r.state, &r.path),
+                Job::Nft { model, trainer } => trainer.restore(model.as_ref(), r.state, &r.path),
                 Job::Sft { trainer, .. } => trainer.restore(r.state, &r.path),
             }
             .map_err(|e| Status::data_loss(e.to_string()))?;

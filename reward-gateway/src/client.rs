@@ -64,6 +64,44 @@ pub fn image_request(
     shape: [u64; 4],
     data: Vec<u8>,
 ) -> ScoreRequest {
+    media_request(
+        request_id,
+        groups,
+        MediaType::Image,
+        shape.to_vec(),
+        data,
+        Vec::new(),
+    )
+}
+
+/// A request for uint8 videos `[B, C, T, H, W]` (the protocol's video layout),
+/// each played at `fps`.
+pub fn video_request(
+    request_id: impl Into<String>,
+    groups: &[(&str, u32)],
+    shape: [u64; 5],
+    data: Vec<u8>,
+    fps: f64,
+) -> ScoreRequest {
+    let fps = vec![fps; shape[0] as usize];
+    media_request(
+        request_id,
+        groups,
+        MediaType::Video,
+        shape.to_vec(),
+        data,
+        fps,
+    )
+}
+
+fn media_request(
+    request_id: impl Into<String>,
+    groups: &[(&str, u32)],
+    media_type: MediaType,
+    shape: Vec<u64>,
+    data: Vec<u8>,
+    video_fps: Vec<f64>,
+) -> ScoreRequest {
     ScoreRequest {
         request_id: request_id.into(),
         groups: groups
@@ -74,11 +112,11 @@ pub fn image_request(
             })
             .collect(),
         media: Some(Media {
-            media_type: MediaType::Image as i32,
+            media_type: media_type as i32,
             dtype: PbDtype::Uint8 as i32,
-            shape: shape.to_vec(),
+            shape,
             data,
-            video_fps: Vec::new(),
+            video_fps,
         }),
         ..Default::default()
     }

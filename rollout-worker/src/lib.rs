@@ -13,17 +13,19 @@ use proto::reward::v1::ScoreRequest;
 use proto::runtime::v1::rollout_worker_server::{RolloutWorker, RolloutWorkerServer};
 use proto::runtime::v1::*;
 use proto::worker::{stop_on_signals, WorkerState};
-use reward_gateway::client::{image_request, GatewayClient};
+use reward_gateway::client::{image_request, video_request, GatewayClient};
 use sana::config::runtime::{kind_of, lora_config, resolve_model_dir};
 use sana::config::RunConfig;
-use sana::pipelines::pipeline_sana::{GenerateRequest, Sampler, SanaPipeline};
-use sana::pipelines::text_encoding::PromptOptions;
+use sana::pipelines::auto_pipeline::{AutoPipeline, SampleOutput, SampleRequest};
+use sana::pipelines::denoise::Sampler;
 use tch::{Device, Kind, Tensor};
 use tensor_wire::{from_wire, to_wire};
 use tonic::{Request, Response, Status, Streaming};
 
 /// The adapter rollouts sample with.
 pub const ROLLOUT_ADAPTER: &str = "old";
+/// The frame rate rollout videos are scored and logged at (Cosmos-RL logs at 8).
+pub const ROLLOUT_FPS: f64 = 8.0;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSetup {
@@ -41,7 +43,7 @@ pub struct WorkerSetup {
 }
 
 struct State {
-    pipeline: SanaPipeline,
+    pipeline: AutoPipeline,
     /// The "old" adapter version loaded (none before the first push).
     version: Option<u64>,
 }
@@ -76,14 +78,24 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
         Device::Cpu => Kind::Float,
         _ => kind_of(&c.policy.diffusers.dtype)?,
     };
-    let mut pipeline = SanaPipeline::from_pretrained(&dir, setup.device, kind)
+    let mut pipeline = AutoPipeline::from_pretrained(&dir, setup.device, kind)
         .with_context(|| format!("loading the pipeline {}", dir.display()))?;
+    if pipeline.is_video() != c.policy.diffusers.is_video {
+        anyhow::bail!(
+            "policy.diffusers.is_video = {} but {} holds {} pipeline",
+            c.policy.diffusers.is_video,
+            dir.display(),
+            if pipeline.is_video() {
+                "a video"
+            } else {
+                "an image"
+            }
+        );
+    }
     if let Some(lora) = &c.policy.lora {
-        pipeline
-            .transformer
-            .lora
-            .add_adapter(ROLLOUT_ADAPTER, &lora_config(lora)?)?;
-        pipeline.transformer.lora.set_active(ROLLOUT_ADAPTER)?;
+        let l = pipeline.transformer_mut().lora_mut();
+        l.add_adapter(ROLLOUT_ADAPTER, &lora_config(lora)?)?;
+        l.set_active(ROLLOUT_ADAPTER)?;
     }
     Ok(State {
         pipeline,
@@ -97,7 +109,7 @@ struct Sampled {
     timesteps: Vec<f64>,
     embeds: Tensor,
     mask: Tensor,
-    /// uint8 `[N, H, W, 3]`.
+    /// uint8 `[N, H, W, 3]` images, or `[N, T, H, W, 3]` video frames.
     images: Tensor,
     seconds: f64,
 }
@@ -108,9 +120,9 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
     let g = b.n_generation.max(1) as usize;
     let started = Instant::now();
     let (h, w) = (d.inference_size[0], d.inference_size[1]);
-    let f = s.pipeline.vae_scale_factor();
-    let (bh, bw) = s.pipeline.binned_size(h, w);
-    let ch = s.pipeline.transformer.config.in_channels;
+    // Cosmos-RL's NFT rollout samples `train_frames` frames.
+    let frames = d.train_frames;
+    let shape = s.pipeline.latent_shape(h, w, frames);
     // Every sample's initial noise from its own seed.
     let noise: Vec<Tensor> = b
         .prompts
@@ -118,7 +130,7 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
         .flat_map(|p| (0..g).map(move |k| (p.index, k as u64)))
         .map(|(idx, k)| {
             tch::manual_seed(sample_seed(b.seed, b.step, idx, k));
-            Tensor::randn([ch, bh / f, bw / f], (Kind::Float, Device::Cpu))
+            Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu))
         })
         .collect();
     let steps = if b.validation {
@@ -130,10 +142,6 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
         "euler" | "flow_euler" => Sampler::Euler,
         _ => Sampler::Dpm,
     };
-    let prompt_options = PromptOptions {
-        max_sequence_length: d.max_prompt_length,
-        ..Default::default()
-    };
     // Chunks of prompts (n_generation_mini_batch bounds the samples per call).
     let per_call = c
         .rollout
@@ -143,39 +151,39 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
     for (ci, chunk) in b.prompts.chunks(per_call).enumerate() {
         let start = ci * per_call * g;
         let n = chunk.len() * g;
-        let req = GenerateRequest {
-            prompts: chunk.iter().map(|p| p.text.clone()).collect(),
-            negative_prompt: String::new(),
-            num_inference_steps: steps,
-            guidance_scale: d.sample.guidance_scale,
-            height: h,
-            width: w,
-            num_images_per_prompt: g,
-            sampler,
-            seed: None,
-            init_noise: Some(Tensor::stack(&noise[start..start + n], 0)),
-            use_resolution_binning: true,
-            prompt_options: prompt_options.clone(),
-            lora_scale: 1.0,
-        };
         let out = s
             .pipeline
-            .generate(&req, |_, _| {})
+            .sample(SampleRequest {
+                prompts: chunk.iter().map(|p| p.text.clone()).collect(),
+                per_prompt: g,
+                num_inference_steps: steps,
+                guidance_scale: d.sample.guidance_scale,
+                height: h,
+                width: w,
+                frames,
+                sampler,
+                init_noise: Tensor::stack(&noise[start..start + n], 0),
+                max_sequence_length: d.max_prompt_length,
+            })
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         parts.push(out);
     }
-    let cat = |f: &dyn Fn(&sana::pipelines::pipeline_sana::GenerateOutput) -> Tensor| {
+    let cat = |f: &dyn Fn(&SampleOutput) -> Tensor| {
         Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)
     };
-    let images = cat(&|o| o.images.shallow_clone());
-    // diffusers' numpy_to_pil: (x * 255).round() as uint8, HWC.
-    let images = (images * 255.0)
+    let media = cat(&|o| o.media.shallow_clone());
+    // diffusers' numpy_to_pil: (x * 255).round() as uint8, channels last.
+    let media = (media * 255.0)
         .round()
         .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
-        .permute([0, 2, 3, 1])
-        .contiguous()
-        .to_device(Device::Cpu);
+        .to_kind(Kind::Uint8);
+    let images = if media.dim() == 5 {
+        media.permute([0, 2, 3, 4, 1]) // [N, 3, T, H, W] → [N, T, H, W, 3]
+    } else {
+        media.permute([0, 2, 3, 1])
+    }
+    .contiguous()
+    .to_device(Device::Cpu);
     Ok(Sampled {
         latents: cat(&|o| o.latents.shallow_clone()),
         timesteps: parts[0].timesteps.clone(),
@@ -203,7 +211,7 @@ impl RolloutService {
     fn score_requests(&self, b: &PromptBatch, images: &Tensor) -> Vec<ScoreRequest> {
         let g = b.n_generation.max(1) as usize;
         let size = images.size();
-        let (hh, ww) = (size[1] as u64, size[2] as u64);
+        let video = size.len() == 5;
         let per_prompt = b
             .prompts
             .iter()
@@ -219,26 +227,35 @@ impl RolloutService {
             .map(|(k, idx)| {
                 let first = idx[0] * g;
                 let n = idx.len() * g;
-                let part = images.narrow(0, first as i64, n as i64).contiguous();
+                let part = images.narrow(0, first as i64, n as i64);
+                // Videos go as the protocol's [B, C, T, H, W].
+                let part = if video {
+                    part.permute([0, 4, 1, 2, 3])
+                } else {
+                    part
+                }
+                .contiguous();
+                let shape: Vec<u64> = part.size().iter().map(|&d| d as u64).collect();
                 let mut data = vec![0u8; part.numel()];
                 part.copy_data_u8(&mut data, part.numel());
                 let prompts: Vec<(&str, u32)> = idx
                     .iter()
                     .map(|&i| (b.prompts[i].text.as_str(), g as u32))
                     .collect();
-                let mut r = image_request(
-                    format!(
-                        "{}-s{}-r{}-{}{}",
-                        self.setup.run_id,
-                        b.step,
-                        self.setup.rank,
-                        if b.validation { "val-" } else { "" },
-                        k
-                    ),
-                    &prompts,
-                    [n as u64, hh, ww, 3],
-                    data,
+                let id = format!(
+                    "{}-s{}-r{}-{}{}",
+                    self.setup.run_id,
+                    b.step,
+                    self.setup.rank,
+                    if b.validation { "val-" } else { "" },
+                    k
                 );
+                let mut r = if video {
+                    let shape = [shape[0], shape[1], shape[2], shape[3], shape[4]];
+                    video_request(id, &prompts, shape, data, ROLLOUT_FPS)
+                } else {
+                    image_request(id, &prompts, [shape[0], shape[1], shape[2], shape[3]], data)
+                };
                 r.worker_id = format!("rollout-{}", self.setup.rank);
                 r.step = b.step;
                 r.validation = b.validation;
@@ -403,8 +420,8 @@ impl RolloutWorker for RolloutService {
         }
         let version = version.ok_or_else(|| Status::invalid_argument("no weight chunks"))?;
         self.with_state(format!("loading weights v{version}"), move |s| {
-            let lora = &s.pipeline.transformer.lora;
-            let device = s.pipeline.transformer.device();
+            let lora = s.pipeline.transformer().lora();
+            let device = s.pipeline.transformer().device();
             let tensors: Vec<(String, Tensor)> = tensors
                 .into_iter()
                 .map(|(n, t)| (n, t.to_device(device)))

@@ -67,6 +67,27 @@ pub fn tiny_transformer(
     SanaTransformer2DModel::new(cfg, tch::Device::Cpu).unwrap()
 }
 
+/// A tiny random SanaVideoTransformer3DModel (fixed seed): patch (1, 2, 2),
+/// qk-norm, 6 caption channels like [`tiny_transformer`], rotary split 4/4/4.
+pub fn tiny_video_transformer(seed: i64) -> crate::models::SanaVideoTransformer3DModel {
+    use crate::models::{SanaVideoTransformer3DModel, SanaVideoTransformerConfig};
+    tch::manual_seed(seed);
+    let cfg = SanaVideoTransformerConfig {
+        in_channels: 4,
+        out_channels: Some(4),
+        num_attention_heads: 2,
+        attention_head_dim: 12,
+        num_layers: 2,
+        num_cross_attention_heads: Some(2),
+        cross_attention_head_dim: Some(12),
+        cross_attention_dim: Some(24),
+        caption_channels: 6,
+        rope_max_seq_len: 32,
+        ..Default::default()
+    };
+    SanaVideoTransformer3DModel::new(cfg, tch::Device::Cpu).unwrap()
+}
+
 /// A tiny random SANA 1.5-style transformer (fixed seed) with Cosmos-RL's LoRA
 /// targets as adapters "default" (B randomised, so it moves the output) and "old",
 /// and a 6-sample NFT batch for it: for tests that need no reference files.

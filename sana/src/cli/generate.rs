@@ -10,8 +10,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::sample::SamplerArg;
 use super::{DeviceArg, DtypeArg};
-use crate::models::modeling_utils::parse_json;
 use crate::models::modeling_utils::read_safetensors;
+use crate::pipelines::auto_pipeline::is_video_pipeline;
 use crate::pipelines::pipeline_sana::{write_png, GenerateRequest, Sampler, SanaPipeline};
 use crate::pipelines::pipeline_sana_video::{SanaVideoPipeline, VideoGenerateRequest};
 use crate::pipelines::text_encoding::PromptOptions;
@@ -126,15 +126,6 @@ pub fn load_pipeline(
         "pipeline loaded"
     );
     Ok(pipe)
-}
-
-/// Whether `dir/model_index.json` names a `SanaVideoPipeline`.
-pub fn is_video_pipeline(dir: &Path) -> anyhow::Result<bool> {
-    let index = dir.join("model_index.json");
-    let text =
-        std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-    let map: serde_json::Value = parse_json(&index, &text)?;
-    Ok(map.get("_class_name").and_then(|v| v.as_str()) == Some("SanaVideoPipeline"))
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tch::{Device, Kind};
 
 pub mod bench;
+pub mod demo_clips;
 pub mod forward;
 pub mod generate;
 pub mod sample;
@@ -15,7 +16,7 @@ pub mod sample;
 #[command(
     name = "sana",
     version,
-    about = "SANA diffusion models on libtorch: sample, run and check transformers.",
+    about = "SANA diffusion models on libtorch: generate images and videos, sample, run and check transformers.",
     long_about = "SANA diffusion models on libtorch.\n\n\
         Models are diffusers directories (config.json + diffusion_pytorch_model.safetensors, \
         or sharded with an index). Set RUST_LOG=debug for per-step logs."
@@ -27,7 +28,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Text to image with a SANA diffusers pipeline directory.
+    /// Text to image (or video: a SanaVideoPipeline directory) with a SANA diffusers pipeline.
     Generate(generate::GenerateArgs),
     /// Sample latents with a SANA transformer (default: a tiny random-weight model).
     Sample(sample::SampleArgs),
@@ -37,6 +38,8 @@ pub enum Command {
     InitModel(sample::InitModelArgs),
     /// Time a transformer forward (and backward) with random weights.
     BenchForward(bench::BenchArgs),
+    /// Write a small video SFT folder (name.json + name.mp4 pairs of sliding colour stripes).
+    WriteDemoClips(demo_clips::DemoClipsArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,5 +113,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::InitModel(a) => sample::init_model(a),
         Command::BenchForward(a) => bench::run(a),
+        Command::WriteDemoClips(a) => demo_clips::run(a),
     }
 }

@@ -2,6 +2,7 @@
 //! and text-to-video pipelines build on [`denoise`], the loop they share.
 
 pub mod aspect_ratio_bins;
+pub mod auto_pipeline;
 pub mod denoise;
 pub mod pipeline_sana;
 pub mod pipeline_sana_video;

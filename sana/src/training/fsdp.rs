@@ -23,9 +23,7 @@ use c10d::ReduceOp;
 use tch::{Device, Kind, Tensor};
 
 use super::parallel::DataParallel;
-use crate::models::transformers::sana_transformer::{
-    BlockContext, SanaTransformer2DModel, TransformerInputs,
-};
+use crate::models::transformers::{BlockContext, DiffusionTransformer, TransformerInputs};
 use crate::{Result, SanaError};
 
 fn collective(e: c10d::Error) -> SanaError {
@@ -88,7 +86,7 @@ impl Fsdp {
     /// layout and this rank's fp32 master shard of each unit, as trainable
     /// leaves (`fsdp/unit<k>`), for the optimizer.
     pub fn shard(
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         named: Vec<(String, Tensor)>,
         dp: &DataParallel,
         compute_kind: Kind,
@@ -232,7 +230,7 @@ impl Fsdp {
     /// takes part in every collective.
     pub fn forward_backward(
         &self,
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         shards: &[Tensor],
         dp: &DataParallel,
         reduce_kind: Kind,
@@ -271,8 +269,11 @@ impl Fsdp {
             temb: leaf(&ctx.temb),
             embedded_timestep: leaf(&ctx.embedded_timestep),
             b: ctx.b,
+            f: ctx.f,
             h: ctx.h,
             w: ctx.w,
+            // Constant tables (no weights behind them).
+            rope: ctx.rope.as_ref().map(|(c, s)| (c.detach(), s.detach())),
         };
         let mut saved = Vec::with_capacity(blocks);
         let mut hs = hs0.detach();

@@ -28,7 +28,7 @@ use super::optim::AdamWConfig;
 use super::parallel::DataParallel;
 use super::trainable::{copy_in, TrainTarget, TrainedParams};
 use crate::lora::ActiveAdapter;
-use crate::models::transformers::sana_transformer::{SanaTransformer2DModel, TransformerInputs};
+use crate::models::transformers::{DiffusionTransformer, TransformerInputs};
 use crate::{Result, SanaError};
 
 /// The adapter trained by NFT, and the decayed copy that samples rollouts.
@@ -248,9 +248,9 @@ pub struct NftTrainer {
 impl NftTrainer {
     /// Freezes the base model and "old", makes "default" trainable and, as
     /// Cosmos-RL does at start, copies "default" into "old".
-    pub fn new(model: &mut SanaTransformer2DModel, config: NftTrainerConfig) -> Result<Self> {
+    pub fn new(model: &mut dyn DiffusionTransformer, config: NftTrainerConfig) -> Result<Self> {
         for name in [TRAINED_ADAPTER, OLD_ADAPTER] {
-            if !model.lora.has_adapter(name) {
+            if !model.lora().has_adapter(name) {
                 return Err(SanaError::Lora(format!(
                     "NFT needs LoRA adapters \"{TRAINED_ADAPTER}\" and \"{OLD_ADAPTER}\" \
                      (policy.lora with lora_names); adapter \"{name}\" is missing"
@@ -266,7 +266,7 @@ impl NftTrainer {
         if config.mu_iterations == 0 {
             return Err(SanaError::input("mu_iterations", "must be at least 1"));
         }
-        model.lora.copy_adapter(TRAINED_ADAPTER, OLD_ADAPTER)?;
+        model.lora().copy_adapter(TRAINED_ADAPTER, OLD_ADAPTER)?;
         let named = TrainTarget::Lora(TRAINED_ADAPTER.into()).parameters(model)?;
         Ok(Self {
             params: TrainedParams::new(named, config.optimizer, config.ema),
@@ -284,7 +284,7 @@ impl NftTrainer {
     /// One RL step on `batch` (on the model's device).
     pub fn train_step(
         &mut self,
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         batch: &NftBatch,
     ) -> Result<NftStepMetrics> {
         batch.check()?;
@@ -313,7 +313,7 @@ impl NftTrainer {
             Some(n) if n > 0 => (n as i64 * world).min(b),
             _ => b,
         };
-        model.lora.set_training(true);
+        model.lora().set_training(true);
         let mut acc = Accumulated::default();
         let (mut grad_norm_sum, mut optimizer_steps) = (0.0, 0u64);
         let timestep_scaling = 1.0 / cfg.num_train_timesteps.max(1) as f64;
@@ -362,7 +362,7 @@ impl NftTrainer {
 
         let old_decay = weight_copy_decay(current, cfg.weight_copy_decay_type)?;
         model
-            .lora
+            .lora()
             .blend_adapter(OLD_ADAPTER, TRAINED_ADAPTER, old_decay)?;
         self.step = current;
         let m = acc.means(&self.dp)?;
@@ -392,7 +392,7 @@ impl NftTrainer {
     /// generator stays in step with one process's.
     fn timestep_loss(
         &self,
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         whole: &NftBatch,
         j: i64,
         (start, len): (i64, i64),
@@ -416,7 +416,7 @@ impl NftTrainer {
             encoder_attention_mask: Some(&mb.prompt_attention_mask),
         };
         let forward =
-            |adapter: ActiveAdapter| model.lora.with_active(adapter, || model.forward(&inputs));
+            |adapter: ActiveAdapter| model.lora().with_active(adapter, || model.forward(&inputs));
         let v_old = tch::no_grad(|| forward(OLD_ADAPTER.into()))??.detach();
         let v = forward(TRAINED_ADAPTER.into())??;
         let v_ref = tch::no_grad(|| forward(ActiveAdapter::Disabled))??.detach();
@@ -438,9 +438,9 @@ impl NftTrainer {
 impl NftTrainer {
     /// Writes the trained adapter for users (PEFT folder + diffusers file, see
     /// `LoraAdapters::export`): the EMA weights when EMA is on, as Cosmos-RL exports.
-    pub fn export_adapter(&self, model: &SanaTransformer2DModel, dir: &Path) -> Result<()> {
+    pub fn export_adapter(&self, model: &dyn DiffusionTransformer, dir: &Path) -> Result<()> {
         self.params
-            .with_ema_weights(|| model.lora.export(TRAINED_ADAPTER, dir))
+            .with_ema_weights(|| model.lora().export(TRAINED_ADAPTER, dir))
     }
 
     /// Everything to continue this run: the trained and "old" adapters, AdamW's
@@ -448,12 +448,12 @@ impl NftTrainer {
     /// position in its prompts). The base model is not saved: it is the pretrained one.
     pub fn state(
         &self,
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         data: serde_json::Value,
     ) -> Result<TrainingState> {
         let mut tensors = Vec::new();
         self.params.push_state(&mut tensors);
-        for (name, t) in model.lora.adapter_parameters(OLD_ADAPTER)? {
+        for (name, t) in model.lora().adapter_parameters(OLD_ADAPTER)? {
             tensors.push((format!("old/{name}"), t));
         }
         Ok(TrainingState {
@@ -472,7 +472,7 @@ impl NftTrainer {
     /// step); returns the saved data position. `source` names the checkpoint in errors.
     pub fn restore(
         &mut self,
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         state: TrainingState,
         source: &Path,
     ) -> Result<serde_json::Value> {
@@ -492,7 +492,7 @@ impl NftTrainer {
         let mut tensors: HashMap<String, Tensor> = state.tensors.into_iter().collect();
         self.params
             .restore_state(&mut tensors, optimizer_step, source)?;
-        for (name, p) in model.lora.adapter_parameters(OLD_ADAPTER)? {
+        for (name, p) in model.lora().adapter_parameters(OLD_ADAPTER)? {
             copy_in(&mut tensors, &format!("old/{name}"), &p, source)?;
         }
         if let Some(extra) = tensors.keys().min() {
@@ -517,6 +517,7 @@ impl NftTrainer {
 pub(crate) mod tests {
     use super::*;
     use crate::lora::io::read_adapter_config;
+    use crate::models::SanaTransformer2DModel;
     use crate::testing::{load_named, parity_case};
     use crate::training::lr_schedule::DecayType;
     use serde_json::Value;

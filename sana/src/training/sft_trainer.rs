@@ -20,7 +20,7 @@ use super::parallel::DataParallel;
 use super::sft::{sft_inputs, sft_loss, SftTimesteps, WeightingScheme};
 use super::trainable::{TrainTarget, TrainedParams};
 use crate::models::modeling_utils::SaveOptions;
-use crate::models::transformers::sana_transformer::{SanaTransformer2DModel, TransformerInputs};
+use crate::models::transformers::{DiffusionTransformer, TransformerInputs};
 use crate::{Result, SanaError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,17 +80,17 @@ pub struct SftTrainer {
 
 impl SftTrainer {
     pub fn new(
-        model: &mut SanaTransformer2DModel,
+        model: &mut dyn DiffusionTransformer,
         config: SftTrainerConfig,
         timesteps: SftTimesteps,
     ) -> Result<Self> {
         if let TrainTarget::Lora(name) = &config.target {
-            if !model.lora.has_adapter(name) {
+            if !model.lora().has_adapter(name) {
                 return Err(SanaError::Lora(format!(
                     "LoRA SFT trains adapter \"{name}\", which the model does not have"
                 )));
             }
-            model.lora.set_active(name.as_str())?;
+            model.lora().set_active(name.as_str())?;
         }
         let named = config.target.parameters(model)?;
         Ok(Self {
@@ -108,7 +108,7 @@ impl SftTrainer {
     /// are emptied and filled only while a unit runs. `compute_kind` is
     /// `train.param_dtype`; the master shards keep the weights' dtype.
     pub fn new_fsdp(
-        model: &mut SanaTransformer2DModel,
+        model: &mut dyn DiffusionTransformer,
         config: SftTrainerConfig,
         timesteps: SftTimesteps,
         dp: DataParallel,
@@ -152,7 +152,7 @@ impl SftTrainer {
 
     pub fn train_step(
         &mut self,
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         batch: &SftBatch,
     ) -> Result<SftStepMetrics> {
         let b = batch.len();
@@ -180,7 +180,7 @@ impl SftTrainer {
             Some(n) if n > 0 => (n as i64 * self.dp.world_size() as i64).min(b),
             _ => b,
         };
-        model.lora.set_training(true);
+        model.lora().set_training(true);
         let mut loss_sum = [0.0];
         for start in (0..b).step_by(mini as usize) {
             let n = mini.min(b - start);
@@ -362,7 +362,7 @@ impl SftTrainer {
     /// diffusers files, or the full transformer as a diffusers folder.
     pub fn export(
         &self,
-        model: &SanaTransformer2DModel,
+        model: &dyn DiffusionTransformer,
         dir: &Path,
         full: &SaveOptions,
     ) -> Result<()> {
@@ -382,7 +382,7 @@ impl SftTrainer {
             })?;
         }
         self.params.with_ema_weights(|| match &self.config.target {
-            TrainTarget::Lora(name) => model.lora.export(name, dir),
+            TrainTarget::Lora(name) => model.lora().export(name, dir),
             TrainTarget::Full => model.save_pretrained_with(dir, full),
         })
     }
@@ -391,6 +391,7 @@ impl SftTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::SanaTransformer2DModel;
     use crate::schedulers::DPMSolverMultistepConfig;
     use crate::testing::{load_named, parity_case};
     use crate::training::lr_schedule::DecayType;

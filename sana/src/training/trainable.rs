@@ -10,7 +10,7 @@ use tch::Tensor;
 use super::checkpoint::take_tensor;
 use super::ema::Ema;
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::models::SanaTransformer2DModel;
+use crate::models::DiffusionTransformer;
 use crate::Result;
 
 /// What a run trains.
@@ -26,23 +26,27 @@ impl TrainTarget {
     /// Sets `requires_grad` for the target (and freezes the rest) and returns its
     /// parameters by name in a fixed order (sorted names for full weights, model
     /// order for an adapter).
-    pub fn parameters(&self, model: &mut SanaTransformer2DModel) -> Result<Vec<(String, Tensor)>> {
+    pub fn parameters(
+        &self,
+        model: &mut dyn DiffusionTransformer,
+    ) -> Result<Vec<(String, Tensor)>> {
         match self {
             TrainTarget::Full => {
-                model.vs.unfreeze();
-                for name in model.lora.adapter_names() {
-                    model.lora.set_trainable(&name, false)?;
+                model.var_store_mut().unfreeze();
+                for name in model.lora().adapter_names() {
+                    model.lora().set_trainable(&name, false)?;
                 }
-                let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+                let mut named: Vec<(String, Tensor)> =
+                    model.var_store().variables().into_iter().collect();
                 named.sort_by(|a, b| a.0.cmp(&b.0));
                 Ok(named)
             }
             TrainTarget::Lora(adapter) => {
-                model.vs.freeze();
-                for name in model.lora.adapter_names() {
-                    model.lora.set_trainable(&name, &name == adapter)?;
+                model.var_store_mut().freeze();
+                for name in model.lora().adapter_names() {
+                    model.lora().set_trainable(&name, &name == adapter)?;
                 }
-                model.lora.adapter_parameters(adapter)
+                model.lora().adapter_parameters(adapter)
             }
         }
     }

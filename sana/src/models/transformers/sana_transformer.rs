@@ -467,8 +467,12 @@ pub struct BlockContext {
     /// `[B, D]` the final norm's modulation.
     pub embedded_timestep: Tensor,
     pub b: i64,
+    /// Latent frames after patching (1 for images).
+    pub f: i64,
     pub h: i64,
     pub w: i64,
+    /// The video model's rotary tables `(cos, sin)` (None for images).
+    pub rope: Option<(Tensor, Tensor)>,
 }
 
 pub struct SanaTransformer2DModel {
@@ -691,8 +695,10 @@ impl SanaTransformer2DModel {
                 temb,
                 embedded_timestep,
                 b,
+                f: 1,
                 h,
                 w,
+                rope: None,
             },
         ))
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::sana_transformer::{
-    BlockAttention, BlockAttentionConfig, GLUMBConv, TimeEmbed, TransformerInputs,
+    BlockAttention, BlockAttentionConfig, BlockContext, GLUMBConv, TimeEmbed, TransformerInputs,
 };
 use crate::lora::LoraAdapters;
 use crate::models::attention_processor::{mask_to_bias, Attention, QkNorm};
@@ -286,15 +286,6 @@ pub struct SanaVideoTransformerBlock {
 }
 
 /// What every block takes besides the hidden states.
-struct VideoContext {
-    enc: Tensor,
-    bias: Option<Tensor>,
-    temb: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    grid: [i64; 3],
-}
-
 impl SanaVideoTransformerBlock {
     fn new(vs: nn::Path, cfg: &SanaVideoTransformerConfig) -> Self {
         let dim = cfg.inner_dim();
@@ -341,18 +332,24 @@ impl SanaVideoTransformerBlock {
         v
     }
 
-    fn forward(&self, x: &Tensor, ctx: &VideoContext) -> Tensor {
+    fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Tensor {
         let b = x.size()[0];
         let m = (self.scale_shift_table.unsqueeze(0) + ctx.temb.reshape([b, 6, -1])).chunk(6, 1);
         let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
             (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
         let n = (self.norm1.forward(x) * (scale_msa + 1.0) + shift_msa).to_kind(x.kind());
-        let attn = self.attn1.linear_attention_rope(&n, &ctx.cos, &ctx.sin);
+        let (cos, sin) = ctx
+            .rope
+            .as_ref()
+            .expect("the video prelude sets the rotary tables");
+        let attn = self.attn1.linear_attention_rope(&n, cos, sin);
         let x = x + gate_msa * attn;
-        let x = self.attn2.forward(&x, Some(&ctx.enc), ctx.bias.as_ref()) + &x;
+        let x = self
+            .attn2
+            .forward(&x, Some(&ctx.enc), ctx.encoder_bias.as_ref())
+            + &x;
         let n = self.norm2.forward(&x) * (scale_mlp + 1.0) + shift_mlp;
-        let [f, h, w] = ctx.grid;
-        let ff = self.ff.forward(&n.unflatten(1, [f, h, w]));
+        let ff = self.ff.forward(&n.unflatten(1, [ctx.f, ctx.h, ctx.w]));
         x + gate_mlp * ff
     }
 }
@@ -540,6 +537,20 @@ impl SanaVideoTransformer3DModel {
 
     /// The velocity prediction `[B, out_channels, T, H, W]`.
     pub fn forward(&self, x: &TransformerInputs<'_>) -> Result<Tensor> {
+        let (mut hs, ctx) = self.prelude(x)?;
+        for i in 0..self.num_blocks() {
+            hs = self.block_forward(i, &hs, &ctx);
+        }
+        Ok(self.finale(&hs, &ctx))
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.transformer_blocks.len()
+    }
+
+    /// Everything before the blocks: patch, timestep and caption embeddings and
+    /// the rotary tables. FSDP runs the model in these three stages (`training::fsdp`).
+    pub fn prelude(&self, x: &TransformerInputs<'_>) -> Result<(Tensor, BlockContext)> {
         let [f, h, w] = self.check_inputs(x)?;
         let kind = self.kind();
         let dev = self.device();
@@ -554,9 +565,9 @@ impl SanaVideoTransformer3DModel {
             [1, 1, 1],
             1,
         );
-        let mut hs = hs.flatten(2, -1).transpose(1, 2); // [B, N, D]
+        let hs = hs.flatten(2, -1).transpose(1, 2); // [B, N, D]
         let guidance = x.guidance.map(|g| g.to_device(dev));
-        let (temb, embedded) =
+        let (temb, embedded_timestep) =
             self.time_embed
                 .forward(&x.timestep.to_device(dev), guidance.as_ref(), kind)?;
         let enc = x.encoder_hidden_states.to_device(dev).to_kind(kind);
@@ -565,31 +576,46 @@ impl SanaVideoTransformer3DModel {
             .forward(&enc)
             .view([b, -1, hs.size()[2]]);
         let enc = self.caption_norm.forward(&enc);
-        let bias = x
+        let encoder_bias = x
             .encoder_attention_mask
             .map(|m| mask_to_bias(&m.to_device(dev), kind))
             .transpose()?;
-        let (cos, sin) = self.rope.forward(f, h, w);
-        let ctx = VideoContext {
-            enc,
-            bias,
-            temb,
-            cos,
-            sin,
-            grid: [f, h, w],
-        };
-        for block in &self.transformer_blocks {
-            hs = block.forward(&hs, &ctx);
-        }
+        let rope = Some(self.rope.forward(f, h, w));
+        Ok((
+            hs,
+            BlockContext {
+                enc,
+                encoder_bias,
+                temb,
+                embedded_timestep,
+                b,
+                f,
+                h,
+                w,
+                rope,
+            },
+        ))
+    }
+
+    /// Block `i` on the hidden states `[B, f·h·w, D]`.
+    pub fn block_forward(&self, i: usize, hs: &Tensor, ctx: &BlockContext) -> Tensor {
+        self.transformer_blocks[i].forward(hs, ctx)
+    }
+
+    /// After the blocks: modulated norm, output projection, unpatchify.
+    pub fn finale(&self, hs: &Tensor, ctx: &BlockContext) -> Tensor {
+        let (b, f, h, w) = (ctx.b, ctx.f, ctx.h, ctx.w);
+        let [pt, ph, pw] = self.config.patch_size;
         let hs = hs.layer_norm([hs.size()[2]], None::<Tensor>, None::<Tensor>, 1e-6, true);
-        let m = (self.scale_shift_table.unsqueeze(0) + embedded.unsqueeze(1)).chunk(2, 1);
+        let m =
+            (self.scale_shift_table.unsqueeze(0) + ctx.embedded_timestep.unsqueeze(1)).chunk(2, 1);
         let hs = hs * (&m[1] + 1.0) + &m[0];
         let hs = self.proj_out.forward(&hs);
         // Unpatchify: [B, f, h, w, pt, ph, pw, C] → [B, C, f·pt, h·ph, w·pw].
         let hs = hs
             .reshape([b, f, h, w, pt, ph, pw, -1])
             .permute([0, 7, 1, 4, 2, 5, 3, 6]);
-        Ok(hs.reshape([b, -1, f * pt, h * ph, w * pw]))
+        hs.reshape([b, -1, f * pt, h * ph, w * pw])
     }
 }
 

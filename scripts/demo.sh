@@ -5,13 +5,23 @@
 # reward-service's jpeg_compressibility through the reward gateway. The controller
 # starts every process itself; the run lands in out/runs/tiny-image-nft/<timestamp>/
 # (metrics.jsonl, mm_data/ image grids, checkpoints/, safetensors/ the adapter).
-# Extra args go to the controller (try --help, --dry-run, --max-steps N).
+# `--video` (first argument) runs the same on a tiny random SanaVideoPipeline
+# (configs/demo/tiny-video-nft.toml; rollouts logged as mp4).
+# Other args go to the controller (try --help, --dry-run, --max-steps N).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+CONFIG=configs/demo/tiny-image-nft.toml
+OUT=out/tiny-sana
+KIND=tiny
+if [ "${1:-}" = "--video" ]; then
+    shift
+    CONFIG=configs/demo/tiny-video-nft.toml
+    OUT=out/tiny-sana-video
+    KIND=video
+fi
 log "building (release)"
 cargo build --release -q --workspace --bins
-PIPE=out/tiny-sana/pipeline
-if [ ! -f "$PIPE/model_index.json" ]; then
-    log "writing a tiny random-weight SANA pipeline to $PIPE"
-    python scripts/make_random_pipeline.py out/tiny-sana tiny >/dev/null 2>&1
+if [ ! -f "$OUT/pipeline/model_index.json" ]; then
+    log "writing a tiny random-weight $KIND SANA pipeline to $OUT/pipeline"
+    python scripts/make_random_pipeline.py "$OUT" "$KIND" >/dev/null 2>&1
 fi
-exec ./target/release/controller --config configs/demo/tiny-image-nft.toml "$@"
+exec ./target/release/controller --config "$CONFIG" "$@"

@@ -3,7 +3,6 @@
 //! skipped and counted, and the export loads in diffusers and PEFT.
 
 use e2e::*;
-use std::process::Command;
 
 fn sft(template: &str, out_name: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -13,48 +12,8 @@ fn sft(template: &str, out_name: &str) {
     std::fs::write(data.join("broken.png"), b"not an image").unwrap();
     std::fs::write(data.join("broken.json"), r#"{"prompt": "broken"}"#).unwrap();
     std::fs::write(data.join("lonely.json"), r#"{"prompt": "no image"}"#).unwrap();
-    let out = dir.path().join("runs");
-    let local = format!("dataset.local_dir = {data:?}");
-    let cfg = config_from(
-        template,
-        out_name,
-        dir.path(),
-        &out,
-        &[("dataset.local_dir = \"out/sft-demo/train\"", &local)],
-    );
-    let res = Command::new(bin("controller"))
-        .arg("--config")
-        .arg(&cfg)
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(res.status.success(), "{template}:\n{stderr}");
-    let run = only_run_dir(&out);
-    let m = metrics(&run);
-    assert_eq!(m.len(), 24, "{stderr}");
-    let mean = |r: &[serde_json::Value]| {
-        r.iter().map(|x| x["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64
-    };
-    let (first, last) = (mean(&m[..5]), mean(&m[19..]));
-    eprintln!("{template}: mean loss first 5 {first:.4}, last 5 {last:.4}");
-    assert!(
-        last < 0.9 * first,
-        "{template}: the loss did not fall ({first} → {last})"
-    );
-    let skipped: u64 = m.iter().map(|x| x["skipped"].as_u64().unwrap()).sum();
-    assert!(
-        skipped > 0,
-        "the broken image was never drawn or never counted"
-    );
-    let report = python_script(
-        "check_export_loads.py",
-        &[
-            tiny_pipeline().as_os_str(),
-            run.join("safetensors/step_24").as_os_str(),
-        ],
-    );
-    eprintln!("{template}: {report}");
+    let line = "dataset.local_dir = \"out/sft-demo/train\"";
+    sft_run_learns(template, out_name, line, &data, tiny_pipeline());
 }
 
 #[test]

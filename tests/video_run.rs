@@ -112,48 +112,13 @@ fn video_sft(template: &str, out_name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("train");
     write_clips(&data, dir.path());
-    let out = dir.path().join("runs");
-    let local = format!("dataset.local_dir = {data:?}");
-    let cfg = config_from(
-        template,
-        out_name,
-        dir.path(),
-        &out,
-        &[("dataset.local_dir = \"out/sft-video-demo/train\"", &local)],
-    );
-    let res = controller(&cfg).output().unwrap();
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(res.status.success(), "{template}:\n{stderr}");
+    let line = "dataset.local_dir = \"out/sft-video-demo/train\"";
+    let stderr = sft_run_learns(template, out_name, line, &data, tiny_video_pipeline());
     assert!(
         stderr.contains("skipping a clip without its name.json sidecar")
             && stderr.contains("9.mp4"),
         "the clip without its sidecar is not reported:\n{stderr}"
     );
-    let run = only_run_dir(&out);
-    let m = metrics(&run);
-    assert_eq!(m.len(), 24, "{stderr}");
-    let mean = |r: &[serde_json::Value]| {
-        r.iter().map(|x| x["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64
-    };
-    let (first, last) = (mean(&m[..5]), mean(&m[19..]));
-    eprintln!("{template}: mean loss first 5 {first:.4}, last 5 {last:.4}");
-    assert!(
-        last < 0.9 * first,
-        "{template}: the loss did not fall ({first} → {last})"
-    );
-    let skipped: u64 = m.iter().map(|x| x["skipped"].as_u64().unwrap()).sum();
-    assert!(
-        skipped > 0,
-        "the damaged and short clips were never counted"
-    );
-    let report = python_script(
-        "check_export_loads.py",
-        &[
-            tiny_video_pipeline().as_os_str(),
-            run.join("safetensors/step_24").as_os_str(),
-        ],
-    );
-    eprintln!("{template}: {report}");
 }
 
 #[test]

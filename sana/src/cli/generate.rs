@@ -151,16 +151,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let n = out.images.size()[0] as usize;
     let paths = output_paths(&args.out, n);
-    if let Some(parent) = paths[0].parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
+    create_parent(&paths[0])?;
     for (i, p) in paths.iter().enumerate() {
         write_png(&out.images.get(i as i64), p)?;
         tracing::info!(image = %p.display(), "wrote");
     }
     save_latents(&args, &out.latents)?;
     tracing::info!(images = n, seconds = format!("{secs:.2}"), "done");
+    Ok(())
+}
+
+fn create_parent(path: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
     Ok(())
 }
 
@@ -216,10 +221,7 @@ fn run_video(args: GenerateArgs) -> anyhow::Result<()> {
     let n = out.videos.size()[0] as usize;
     match video_paths(&args.out, n) {
         Some(paths) => {
-            if let Some(parent) = paths[0].parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
+            create_parent(&paths[0])?;
             for (i, p) in paths.iter().enumerate() {
                 // [3, T, H, W] → [T, 3, H, W]
                 write_mp4(&out.videos.get(i as i64).transpose(0, 1), p, args.fps)?;

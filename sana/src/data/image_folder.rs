@@ -49,10 +49,7 @@ impl ImageFolder {
                 .iter()
                 .map(|e| j.with_extension(e))
                 .find(|p| p.exists());
-            let prompt = std::fs::read_to_string(&j)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| v.get("prompt").and_then(|p| p.as_str()).map(String::from));
+            let prompt = super::sidecar_prompt(&j);
             match (image, prompt) {
                 (Some(image), Some(prompt)) => samples.push(SftSample {
                     id: stem,

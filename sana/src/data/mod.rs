@@ -5,3 +5,11 @@
 pub mod image_folder;
 pub mod prompts;
 pub mod video_folder;
+
+/// The `"prompt"` of an SFT sample's `name.json` (None: unreadable, not JSON,
+/// or without a string prompt).
+pub(crate) fn sidecar_prompt(json: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(json).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("prompt")?.as_str().map(String::from)
+}

@@ -44,10 +44,7 @@ impl VideoFolder {
         }
         for j in files.iter().filter(|p| has(p, "json")) {
             let video = j.with_extension("mp4");
-            let prompt = std::fs::read_to_string(j)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| v.get("prompt").and_then(|p| p.as_str()).map(String::from));
+            let prompt = super::sidecar_prompt(j);
             match (video.exists(), prompt) {
                 (true, Some(prompt)) => samples.push(VideoSample {
                     id: j

@@ -31,6 +31,64 @@ impl Sampler {
     }
 }
 
+/// The checks both pipelines make first: a prompt, at least one sample per
+/// prompt (`per_prompt` is (its name, value)), and a (binned) size the VAE
+/// factor `f` divides.
+pub fn check_request(
+    prompts: &[String],
+    per_prompt: (&str, usize),
+    height: i64,
+    width: i64,
+    f: i64,
+) -> Result<()> {
+    if prompts.is_empty() {
+        return Err(SanaError::input(
+            "prompts",
+            "the prompt list is empty: give at least one prompt",
+        ));
+    }
+    if per_prompt.1 == 0 {
+        return Err(SanaError::input(per_prompt.0, "must be at least 1"));
+    }
+    if height <= 0 || width <= 0 || height % f != 0 || width % f != 0 {
+        return Err(SanaError::input(
+            "height/width",
+            format!("{height}×{width} must be positive multiples of the VAE factor {f}"),
+        ));
+    }
+    Ok(())
+}
+
+/// [`denoise`] conditioned on encoded prompts (the negative ones under CFG).
+pub fn denoise_prompts(
+    model: &dyn DiffusionTransformer,
+    scheduler: &mut dyn Scheduler,
+    latents: Tensor,
+    (negative, positive): (Option<&PromptEmbeds>, &PromptEmbeds),
+    guidance_scale: f64,
+    num_inference_steps: usize,
+    on_step: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    denoise(
+        model,
+        scheduler,
+        DenoiseRequest {
+            latents,
+            prompt: Conditioning {
+                embeds: &positive.embeds,
+                mask: &positive.mask,
+            },
+            negative: negative.map(|n| Conditioning {
+                embeds: &n.embeds,
+                mask: &n.mask,
+            }),
+            guidance_scale,
+            num_inference_steps,
+        },
+        on_step,
+    )
+}
+
 /// `encode_prompt` of both pipelines: the positive embeddings and, with CFG, the
 /// negative prompt's (repeated per prompt and per sample).
 pub fn encode_with_guidance(

@@ -10,7 +10,7 @@ use super::aspect_ratio_bins::{
 };
 pub use super::denoise::Sampler;
 use super::denoise::{
-    denoise, encode_with_guidance, initial_latents, with_lora_scale, Conditioning, DenoiseRequest,
+    check_request, denoise_prompts, encode_with_guidance, initial_latents, with_lora_scale,
 };
 use super::text_encoding::{sub_folder, PromptOptions, SanaTextEncoder};
 use crate::lora::AdapterFormat;
@@ -168,18 +168,6 @@ impl SanaPipeline {
         req: &GenerateRequest,
         on_step: impl FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
-        if req.prompts.is_empty() {
-            return Err(SanaError::input(
-                "prompts",
-                "the prompt list is empty: give at least one prompt",
-            ));
-        }
-        if req.num_images_per_prompt == 0 {
-            return Err(SanaError::input(
-                "num_images_per_prompt",
-                "must be at least 1",
-            ));
-        }
         let (orig_h, orig_w) = (req.height, req.width);
         let (height, width) = if req.use_resolution_binning {
             self.binned_size(req.height, req.width)
@@ -187,12 +175,13 @@ impl SanaPipeline {
             (req.height, req.width)
         };
         let f = self.vae_scale_factor();
-        if height <= 0 || width <= 0 || height % f != 0 || width % f != 0 {
-            return Err(SanaError::input(
-                "height/width",
-                format!("{height}×{width} must be positive multiples of the VAE factor {f}"),
-            ));
-        }
+        check_request(
+            &req.prompts,
+            ("num_images_per_prompt", req.num_images_per_prompt),
+            height,
+            width,
+            f,
+        )?;
         let device = self.transformer.device();
         let do_cfg = req.guidance_scale > 1.0;
         let mut opts = req.prompt_options.clone();
@@ -214,22 +203,13 @@ impl SanaPipeline {
             device,
         )?;
         let mut scheduler = self.scheduler(req.sampler)?;
-        let latents = denoise(
+        let latents = denoise_prompts(
             &self.transformer,
             scheduler.as_mut(),
-            DenoiseRequest {
-                latents,
-                prompt: Conditioning {
-                    embeds: &positive.embeds,
-                    mask: &positive.mask,
-                },
-                negative: negative.as_ref().map(|n| Conditioning {
-                    embeds: &n.embeds,
-                    mask: &n.mask,
-                }),
-                guidance_scale: req.guidance_scale,
-                num_inference_steps: req.num_inference_steps,
-            },
+            latents,
+            (negative.as_ref(), &positive),
+            req.guidance_scale,
+            req.num_inference_steps,
             on_step,
         )?;
         // diffusers casts to the VAE dtype first, then divides (in that dtype).

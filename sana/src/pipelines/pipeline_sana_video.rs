@@ -8,8 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::aspect_ratio_bins::{ASPECT_RATIO_480_BIN, ASPECT_RATIO_720_BIN};
 use super::denoise::{
-    denoise, encode_with_guidance, initial_latents, with_lora_scale, Conditioning, DenoiseRequest,
-    Sampler,
+    check_request, denoise_prompts, encode_with_guidance, initial_latents, with_lora_scale, Sampler,
 };
 use super::pipeline_sana::{classify_height_width_bin, resize_and_crop};
 use super::text_encoding::{sub_folder, PromptOptions, SanaTextEncoder};
@@ -173,18 +172,6 @@ impl SanaVideoPipeline {
         req: &VideoGenerateRequest,
         on_step: impl FnMut(usize, usize),
     ) -> Result<VideoGenerateOutput> {
-        if req.prompts.is_empty() {
-            return Err(SanaError::input(
-                "prompts",
-                "the prompt list is empty: give at least one prompt",
-            ));
-        }
-        if req.num_videos_per_prompt == 0 {
-            return Err(SanaError::input(
-                "num_videos_per_prompt",
-                "must be at least 1",
-            ));
-        }
         let (ft, f) = self.vae_scale_factors();
         if req.frames < 1 {
             return Err(SanaError::input(
@@ -205,12 +192,13 @@ impl SanaVideoPipeline {
         } else {
             (req.height, req.width)
         };
-        if height <= 0 || width <= 0 || height % f != 0 || width % f != 0 {
-            return Err(SanaError::input(
-                "height/width",
-                format!("{height}×{width} must be positive multiples of the VAE factor {f}"),
-            ));
-        }
+        check_request(
+            &req.prompts,
+            ("num_videos_per_prompt", req.num_videos_per_prompt),
+            height,
+            width,
+            f,
+        )?;
         let device = self.transformer.device();
         let do_cfg = req.guidance_scale > 1.0;
         let mut opts = req.prompt_options.clone();
@@ -235,22 +223,13 @@ impl SanaVideoPipeline {
         let mut scheduler = req
             .sampler
             .scheduler(&self.scheduler_config, self.flow_shift)?;
-        let latents = denoise(
+        let latents = denoise_prompts(
             &self.transformer,
             scheduler.as_mut(),
-            DenoiseRequest {
-                latents,
-                prompt: Conditioning {
-                    embeds: &positive.embeds,
-                    mask: &positive.mask,
-                },
-                negative: negative.as_ref().map(|n| Conditioning {
-                    embeds: &n.embeds,
-                    mask: &n.mask,
-                }),
-                guidance_scale: req.guidance_scale,
-                num_inference_steps: req.num_inference_steps,
-            },
+            latents,
+            (negative.as_ref(), &positive),
+            req.guidance_scale,
+            req.num_inference_steps,
             on_step,
         )?;
         let videos = self.decode(&latents)?;

@@ -58,98 +58,66 @@ pub fn load_transformer(
     })
 }
 
-impl DiffusionTransformer for SanaTransformer2DModel {
-    fn forward(&self, x: &TransformerInputs<'_>) -> Result<Tensor> {
-        SanaTransformer2DModel::forward(self, x)
-    }
-    fn lora(&self) -> &LoraAdapters {
-        &self.lora
-    }
-    fn lora_mut(&mut self) -> &mut LoraAdapters {
-        &mut self.lora
-    }
-    fn var_store(&self) -> &nn::VarStore {
-        &self.vs
-    }
-    fn var_store_mut(&mut self) -> &mut nn::VarStore {
-        &mut self.vs
-    }
-    fn in_channels(&self) -> i64 {
-        self.config.in_channels
-    }
-    fn out_channels(&self) -> i64 {
-        self.config.out_channels()
-    }
-    fn timestep_scale(&self) -> f64 {
-        self.config.timestep_scale
-    }
-    fn device(&self) -> Device {
-        SanaTransformer2DModel::device(self)
-    }
-    fn kind(&self) -> Kind {
-        SanaTransformer2DModel::kind(self)
-    }
-    fn save_pretrained_with(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
-        SanaTransformer2DModel::save_pretrained_with(self, dir, opts)
-    }
-    fn num_blocks(&self) -> usize {
-        SanaTransformer2DModel::num_blocks(self)
-    }
-    fn prelude(&self, x: &TransformerInputs<'_>) -> Result<(Tensor, BlockContext)> {
-        SanaTransformer2DModel::prelude(self, x)
-    }
-    fn block_forward(&self, i: usize, hs: &Tensor, ctx: &BlockContext) -> Tensor {
-        SanaTransformer2DModel::block_forward(self, i, hs, ctx)
-    }
-    fn finale(&self, hs: &Tensor, ctx: &BlockContext) -> Tensor {
-        SanaTransformer2DModel::finale(self, hs, ctx)
-    }
+/// Both models have the same fields and stage methods: the trait delegates to
+/// them. `$scale` is the model's `timestep_scale` (the video pipeline passes the
+/// scheduler's value raw).
+macro_rules! delegate_transformer {
+    ($ty:ty, |$m:ident| $scale:expr) => {
+        impl DiffusionTransformer for $ty {
+            fn forward(&self, x: &TransformerInputs<'_>) -> Result<Tensor> {
+                <$ty>::forward(self, x)
+            }
+            fn lora(&self) -> &LoraAdapters {
+                &self.lora
+            }
+            fn lora_mut(&mut self) -> &mut LoraAdapters {
+                &mut self.lora
+            }
+            fn var_store(&self) -> &nn::VarStore {
+                &self.vs
+            }
+            fn var_store_mut(&mut self) -> &mut nn::VarStore {
+                &mut self.vs
+            }
+            fn in_channels(&self) -> i64 {
+                self.config.in_channels
+            }
+            fn out_channels(&self) -> i64 {
+                self.config.out_channels()
+            }
+            fn timestep_scale(&self) -> f64 {
+                let $m = self;
+                $scale
+            }
+            fn device(&self) -> Device {
+                <$ty>::device(self)
+            }
+            fn kind(&self) -> Kind {
+                <$ty>::kind(self)
+            }
+            fn save_pretrained_with(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+                crate::models::modeling_utils::save_pretrained_with(
+                    &self.vs,
+                    &self.config,
+                    dir,
+                    opts,
+                )
+            }
+            fn num_blocks(&self) -> usize {
+                <$ty>::num_blocks(self)
+            }
+            fn prelude(&self, x: &TransformerInputs<'_>) -> Result<(Tensor, BlockContext)> {
+                <$ty>::prelude(self, x)
+            }
+            fn block_forward(&self, i: usize, hs: &Tensor, ctx: &BlockContext) -> Tensor {
+                <$ty>::block_forward(self, i, hs, ctx)
+            }
+            fn finale(&self, hs: &Tensor, ctx: &BlockContext) -> Tensor {
+                <$ty>::finale(self, hs, ctx)
+            }
+        }
+    };
 }
 
-impl DiffusionTransformer for SanaVideoTransformer3DModel {
-    fn forward(&self, x: &TransformerInputs<'_>) -> Result<Tensor> {
-        SanaVideoTransformer3DModel::forward(self, x)
-    }
-    fn lora(&self) -> &LoraAdapters {
-        &self.lora
-    }
-    fn lora_mut(&mut self) -> &mut LoraAdapters {
-        &mut self.lora
-    }
-    fn var_store(&self) -> &nn::VarStore {
-        &self.vs
-    }
-    fn var_store_mut(&mut self) -> &mut nn::VarStore {
-        &mut self.vs
-    }
-    fn in_channels(&self) -> i64 {
-        self.config.in_channels
-    }
-    fn out_channels(&self) -> i64 {
-        self.config.out_channels()
-    }
-    fn timestep_scale(&self) -> f64 {
-        1.0
-    }
-    fn device(&self) -> Device {
-        SanaVideoTransformer3DModel::device(self)
-    }
-    fn kind(&self) -> Kind {
-        SanaVideoTransformer3DModel::kind(self)
-    }
-    fn save_pretrained_with(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
-        crate::models::modeling_utils::save_pretrained_with(&self.vs, &self.config, dir, opts)
-    }
-    fn num_blocks(&self) -> usize {
-        SanaVideoTransformer3DModel::num_blocks(self)
-    }
-    fn prelude(&self, x: &TransformerInputs<'_>) -> Result<(Tensor, BlockContext)> {
-        SanaVideoTransformer3DModel::prelude(self, x)
-    }
-    fn block_forward(&self, i: usize, hs: &Tensor, ctx: &BlockContext) -> Tensor {
-        SanaVideoTransformer3DModel::block_forward(self, i, hs, ctx)
-    }
-    fn finale(&self, hs: &Tensor, ctx: &BlockContext) -> Tensor {
-        SanaVideoTransformer3DModel::finale(self, hs, ctx)
-    }
-}
+delegate_transformer!(SanaTransformer2DModel, |m| m.config.timestep_scale);
+delegate_transformer!(SanaVideoTransformer3DModel, |_m| 1.0);

@@ -454,6 +454,20 @@ pub struct TransformerInputs<'a> {
 /// diffusers' `SanaTransformer2DModel`. Parameters live in `vs` under diffusers'
 /// names, so checkpoints load and save by name. LoRA adapters (PEFT's, on any of
 /// its Linears) live in `lora`, outside `vs`.
+/// `SanaModulatedNorm` then the output projection: the end of both SANA
+/// transformers, before they unpatchify.
+pub(crate) fn modulated_output(
+    hs: &Tensor,
+    scale_shift_table: &Tensor,
+    ctx: &BlockContext,
+    proj_out: &Linear,
+) -> Tensor {
+    let hs = hs.layer_norm([hs.size()[2]], None::<Tensor>, None::<Tensor>, 1e-6, true);
+    let m = (scale_shift_table.unsqueeze(0) + ctx.embedded_timestep.unsqueeze(1)).chunk(2, 1);
+    let hs = hs * (&m[1] + 1.0) + &m[0];
+    proj_out.forward(&hs)
+}
+
 /// What every block takes besides the hidden states, from
 /// [`SanaTransformer2DModel::prelude`].
 #[derive(Debug)]
@@ -718,12 +732,7 @@ impl SanaTransformer2DModel {
     /// After the blocks: modulated norm, output projection, unpatchify.
     pub fn finale(&self, hs: &Tensor, ctx: &BlockContext) -> Tensor {
         let (b, h, w, p) = (ctx.b, ctx.h, ctx.w, self.config.patch_size);
-        // SanaModulatedNorm
-        let hs = hs.layer_norm([hs.size()[2]], None::<Tensor>, None::<Tensor>, 1e-6, true);
-        let m =
-            (self.scale_shift_table.unsqueeze(0) + ctx.embedded_timestep.unsqueeze(1)).chunk(2, 1);
-        let hs = hs * (&m[1] + 1.0) + &m[0];
-        let hs = self.proj_out.forward(&hs);
+        let hs = modulated_output(hs, &self.scale_shift_table, ctx, &self.proj_out);
 
         // Unpatchify: [B, h, w, p, p, C] → [B, C, h·p, w·p].
         let hs = hs.reshape([b, h, w, p, p, -1]).permute([0, 5, 1, 3, 2, 4]);

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::sana_transformer::{
-    BlockAttention, BlockAttentionConfig, BlockContext, GLUMBConv, TimeEmbed, TransformerInputs,
+    modulated_output, BlockAttention, BlockAttentionConfig, BlockContext, GLUMBConv, TimeEmbed,
+    TransformerInputs,
 };
 use crate::lora::LoraAdapters;
 use crate::models::attention_processor::{mask_to_bias, Attention, QkNorm};
@@ -606,11 +607,7 @@ impl SanaVideoTransformer3DModel {
     pub fn finale(&self, hs: &Tensor, ctx: &BlockContext) -> Tensor {
         let (b, f, h, w) = (ctx.b, ctx.f, ctx.h, ctx.w);
         let [pt, ph, pw] = self.config.patch_size;
-        let hs = hs.layer_norm([hs.size()[2]], None::<Tensor>, None::<Tensor>, 1e-6, true);
-        let m =
-            (self.scale_shift_table.unsqueeze(0) + ctx.embedded_timestep.unsqueeze(1)).chunk(2, 1);
-        let hs = hs * (&m[1] + 1.0) + &m[0];
-        let hs = self.proj_out.forward(&hs);
+        let hs = modulated_output(hs, &self.scale_shift_table, ctx, &self.proj_out);
         // Unpatchify: [B, f, h, w, pt, ph, pw, C] → [B, C, f·pt, h·ph, w·pw].
         let hs = hs
             .reshape([b, f, h, w, pt, ph, pw, -1])

@@ -74,6 +74,12 @@ impl Fleet {
         cmd.stdout(Stdio::from(f.try_clone()?))
             .stderr(Stdio::from(f))
             .stdin(Stdio::null());
+        // An error a worker exits with is one line at the end of its log (what
+        // the controller shows), not buried under a backtrace that
+        // RUST_BACKTRACE=1 would add; panics keep theirs.
+        if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+            cmd.env("RUST_LIB_BACKTRACE", "0");
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
@@ -111,6 +117,15 @@ impl Fleet {
             }
         }
         None
+    }
+
+    /// Drops `name` from the fleet if it has exited (a start to be retried);
+    /// whether it had.
+    pub fn forget_exited(&self, name: &str) -> bool {
+        let mut procs = self.procs.lock().unwrap();
+        let before = procs.len();
+        procs.retain_mut(|p| p.name != name || !matches!(p.child.try_wait(), Ok(Some(_))));
+        procs.len() < before
     }
 
     /// Reports `name` as not answering its heartbeats (it may be alive but stuck).

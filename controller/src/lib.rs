@@ -350,12 +350,12 @@ async fn start_rewards(
     let (enqueue, fetch) = match &plan.rewards {
         RewardSetup::External { enqueue, fetch } => (enqueue.clone(), fetch.clone()),
         RewardSetup::Embedded => {
-            let port = free_port()?;
-            let mut cmd = Command::new(bin("reward-service")?);
-            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
-            fleet.spawn("reward-service", cmd, logs)?;
-            let addr = format!("127.0.0.1:{port}");
-            wait_for_port(fleet, "reward-service", &addr, Duration::from_secs(60)).await?;
+            let addr = spawn_listening(fleet, "reward-service", logs, |port| {
+                let mut cmd = Command::new(bin("reward-service")?);
+                cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+                Ok((cmd, format!("127.0.0.1:{port}")))
+            })
+            .await?;
             (
                 format!("http://{addr}/api/reward/enqueue"),
                 format!("http://{addr}/api/reward/pull"),
@@ -363,16 +363,42 @@ async fn start_rewards(
         }
     };
     // On the controller's node; rollout workers on other nodes reach it there.
-    let (listen, gw_addr) = placement.local_server_addr(free_port()?);
-    let mut cmd = Command::new(bin("reward-gateway")?);
-    cmd.arg("--config")
-        .arg(&opts.config_path)
-        .args(["--listen", &listen])
-        .env("REMOTE_REWARD_ENQUEUE_URL", &enqueue)
-        .env("REMOTE_REWARD_FETCH_URL", &fetch);
-    fleet.spawn("reward-gateway", cmd, logs)?;
-    wait_for_port(fleet, "reward-gateway", &gw_addr, Duration::from_secs(60)).await?;
-    Ok(gw_addr)
+    spawn_listening(fleet, "reward-gateway", logs, |port| {
+        let (listen, gw_addr) = placement.local_server_addr(port);
+        let mut cmd = Command::new(bin("reward-gateway")?);
+        cmd.arg("--config")
+            .arg(&opts.config_path)
+            .args(["--listen", &listen])
+            .env("REMOTE_REWARD_ENQUEUE_URL", &enqueue)
+            .env("REMOTE_REWARD_FETCH_URL", &fetch);
+        Ok((cmd, gw_addr))
+    })
+    .await
+}
+
+/// Starts a server on a free port (`make(port)` gives its command and the
+/// address to reach it at) and waits until it listens. A port free when probed
+/// can be taken by another process before ours binds it, so a start that dies
+/// is retried on another port, three times in all.
+async fn spawn_listening(
+    fleet: &Fleet,
+    name: &str,
+    logs: &Path,
+    make: impl Fn(u16) -> anyhow::Result<(Command, String)>,
+) -> anyhow::Result<String> {
+    let mut attempt = 1;
+    loop {
+        let (cmd, addr) = make(free_port()?)?;
+        fleet.spawn(name, cmd, logs)?;
+        match wait_for_port(fleet, name, &addr, Duration::from_secs(60)).await {
+            Ok(()) => return Ok(addr),
+            Err(e) if attempt < 3 && fleet.forget_exited(name) => {
+                tracing::warn!(name, attempt, "did not start, trying another port: {e:#}");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Heartbeats: every `every`, each worker's Health; `misses` failures in a row

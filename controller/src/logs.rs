@@ -191,7 +191,11 @@ impl RunLog {
         for i in 0..videos.size()[0] {
             let file = format!("step_{step}_{i}.mp4");
             let frames = videos.get(i).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
-            sana::video_io::write_mp4(&frames, &dir.join(&file), VIDEO_LOG_FPS)?;
+            // A clip that cannot be encoded is a log line, never the end of the run.
+            if let Err(e) = sana::video_io::write_mp4(&frames, &dir.join(&file), VIDEO_LOG_FPS) {
+                tracing::warn!(step, "rollout video not written: {e}");
+                continue;
+            }
             let s = &t.scores[i as usize];
             captions.push(json!({
                 "video": file,

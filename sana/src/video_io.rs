@@ -54,7 +54,21 @@ fn to_rgb_bytes(frames: &Tensor) -> Result<(Vec<u8>, [i64; 3])> {
 
 /// Writes `[T, 3, H, W]` frames in [0, 1] as an H.264 (libx264, yuv420p, CRF 18)
 /// mp4 at `fps`. yuv420p needs even sizes: an odd last row/column is dropped.
+/// Written to `<path>.part` and renamed when complete, so a failed encode
+/// leaves no half file.
 pub fn write_mp4(frames: &Tensor, path: &Path, fps: u32) -> Result<()> {
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    let part = std::path::PathBuf::from(part);
+    let written = encode_mp4(frames, &part, fps)
+        .and_then(|()| std::fs::rename(&part, path).map_err(|e| SanaError::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    written
+}
+
+fn encode_mp4(frames: &Tensor, path: &Path, fps: u32) -> Result<()> {
     init();
     if fps == 0 {
         return Err(SanaError::input("fps", "must be at least 1"));
@@ -68,11 +82,17 @@ pub fn write_mp4(frames: &Tensor, path: &Path, fps: u32) -> Result<()> {
         ));
     }
     let err = |what: &'static str| media_err(path, what);
-    let mut octx = ffmpeg::format::output(&path).map_err(err("creating the mp4"))?;
-    let codec = encoder::find(codec::Id::H264).ok_or_else(|| SanaError::Media {
-        path: path.to_path_buf(),
-        msg: "this FFmpeg has no H.264 encoder (libx264)".into(),
-    })?;
+    let mut octx = ffmpeg::format::output_as(&path, "mp4").map_err(err("creating the mp4"))?;
+    // libx264 takes the CRF/preset options; another H.264 encoder would ignore them.
+    let codec = encoder::find_by_name("libx264")
+        .or_else(|| {
+            tracing::warn!("FFmpeg has no libx264; using its default H.264 encoder");
+            encoder::find(codec::Id::H264)
+        })
+        .ok_or_else(|| SanaError::Media {
+            path: path.to_path_buf(),
+            msg: "this FFmpeg has no H.264 encoder (install libx264 / Debian's libavcodec)".into(),
+        })?;
     let global_header = octx
         .format()
         .flags()
@@ -351,5 +371,14 @@ mod tests {
         let want = Vec::<u8>::try_from(want.contiguous().flatten(0, -1)).unwrap();
         assert_eq!(img.into_raw(), want);
         assert!(write_mp4(&frames, &tmp.path().join("x.mp4"), 0).is_err());
+        // A failed encode (1×1 is too small for yuv420p) leaves no file behind.
+        let tiny = Tensor::zeros([2, 3, 1, 1], (Kind::Float, Device::Cpu));
+        assert!(write_mp4(&tiny, &tmp.path().join("y.mp4"), 8).is_err());
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().to_string_lossy().contains(".mp4"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -118,47 +118,58 @@ pub fn load_clip(path: &Path, index: usize, spec: &ClipSpec) -> Result<(Tensor, 
         path: path.to_path_buf(),
         msg: format!("{have} frames, fewer than train_frames = {}", spec.frames),
     };
-    let probe = read_mp4(path, 0, Some(0), 1)?;
-    let total = probe.info.frames;
-    let clip = if total > 0 {
-        if (total as usize) < spec.frames {
-            return Err(too_short(total));
-        }
-        // Cosmos-RL: np.random.randint(0, total - frames) when that range is > 0.
-        let range = total as usize - spec.frames;
-        let start = if range > 0 {
-            start_frame(spec.seed, index, range)
-        } else {
-            0
-        };
-        read_mp4(path, start, Some(spec.frames), 1)?
-    } else {
-        // The container does not count its frames: decode them all, then cut.
-        let all = read_mp4(path, 0, None, 1)?;
-        let n = all.frames.size()[0] as usize;
-        if n < spec.frames {
-            return Err(too_short(n as i64));
-        }
+    let window = |n: usize| {
         let range = n - spec.frames;
-        let start = if range > 0 {
+        if range > 0 {
             start_frame(spec.seed, index, range)
         } else {
             0
-        };
-        crate::video_io::Clip {
-            frames: all.frames.narrow(0, start as i64, spec.frames as i64),
-            info: all.info,
         }
     };
-    let got = clip.frames.size()[0];
-    if (got as usize) < spec.frames {
-        // The container promised more frames than decode (a damaged tail).
-        return Err(too_short(got));
+    let total = read_mp4(path, 0, Some(0), 1)?.info.frames;
+    if total > 0 && (total as usize) < spec.frames {
+        return Err(too_short(total));
     }
-    let x = clip.frames.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
-    let x = x.internal_upsample_bilinear2d_aa([spec.height, spec.width], false, None, None);
-    let x = (x.clamp(0.0, 1.0) - 0.5) / 0.5;
-    Ok((x.permute([1, 0, 2, 3]).contiguous(), clip.info))
+    // Cut the window from the container's count when it gives one; when the
+    // frames then fall short (edit lists, a damaged tail), or it gives none,
+    // decode them all and cut from what decodes.
+    let windowed = if total > 0 {
+        let start = window(total as usize);
+        Some(read_mp4(path, start, Some(spec.frames), 1)?)
+            .filter(|c| c.frames.size()[0] as usize == spec.frames)
+    } else {
+        None
+    };
+    let clip = match windowed {
+        Some(c) => c,
+        None => {
+            let all = read_mp4(path, 0, None, 1)?;
+            let n = all.frames.size()[0] as usize;
+            if n < spec.frames {
+                return Err(too_short(n as i64));
+            }
+            crate::video_io::Clip {
+                frames: all.frames.narrow(0, window(n) as i64, spec.frames as i64),
+                info: all.info,
+            }
+        }
+    };
+    // Frame by frame: the whole window in fp32 at source size could be GBs.
+    let frames: Vec<Tensor> = (0..spec.frames as i64)
+        .map(|k| {
+            let x = clip
+                .frames
+                .get(k)
+                .permute([2, 0, 1])
+                .unsqueeze(0)
+                .to_kind(Kind::Float)
+                / 255.0;
+            x.f_internal_upsample_bilinear2d_aa([spec.height, spec.width], false, None, None)
+                .map(|x| x.squeeze_dim(0))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let x = (Tensor::stack(&frames, 1).clamp(0.0, 1.0) - 0.5) / 0.5;
+    Ok((x, clip.info))
 }
 
 /// Loads the clips at `indices` on up to `spec.threads` threads, skipping the
@@ -170,46 +181,46 @@ pub fn load_video_batch(
     spec: &ClipSpec,
 ) -> (Option<Tensor>, Vec<String>, usize) {
     let threads = spec.threads.clamp(1, indices.len().max(1));
-    let results: Vec<Option<Tensor>> = std::thread::scope(|scope| {
-        let chunks: Vec<Vec<(usize, usize)>> = (0..threads)
+    let load = |i: usize| -> Option<Tensor> {
+        let s = folder.samples.get(i)?;
+        // A libtorch failure (say, out of memory) panics in tch: one clip is
+        // skipped, never the batch or the worker.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            load_clip(&s.video, i, spec)
+        }));
+        match r {
+            Ok(Ok((t, _))) => Some(t),
+            Ok(Err(e)) => {
+                tracing::warn!("skipping an SFT clip: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(file = %s.video.display(), "skipping an SFT clip: decoding it panicked");
+                None
+            }
+        }
+    };
+    // Results by position in `indices`, whatever thread made them.
+    let mut results: Vec<Option<Tensor>> = (0..indices.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
             .map(|k| {
-                indices
-                    .iter()
-                    .copied()
-                    .enumerate()
-                    .filter(|(pos, _)| pos % threads == k)
-                    .collect()
-            })
-            .collect();
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
+                let load = &load;
                 scope.spawn(move || {
-                    chunk
-                        .into_iter()
-                        .map(|(pos, i)| {
-                            let out = match folder.samples.get(i) {
-                                None => None,
-                                Some(s) => match load_clip(&s.video, i, spec) {
-                                    Ok((t, _)) => Some(t),
-                                    Err(e) => {
-                                        tracing::warn!("skipping an SFT clip: {e}");
-                                        None
-                                    }
-                                },
-                            };
-                            (pos, out)
-                        })
+                    indices
+                        .iter()
+                        .enumerate()
+                        .filter(|(pos, _)| pos % threads == k)
+                        .map(|(pos, &i)| (pos, load(i)))
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let mut all: Vec<(usize, Option<Tensor>)> = handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect();
-        all.sort_by_key(|(pos, _)| *pos);
-        all.into_iter().map(|(_, t)| t).collect()
+        for h in handles {
+            for (pos, t) in h.join().unwrap_or_default() {
+                results[pos] = t;
+            }
+        }
     });
     let (mut clips, mut prompts, mut skipped) = (Vec::new(), Vec::new(), 0usize);
     for (&i, r) in indices.iter().zip(results) {

@@ -32,14 +32,14 @@ impl Sampler {
 }
 
 /// The checks both pipelines make first: a prompt, at least one sample per
-/// prompt (`per_prompt` is (its name, value)), and a (binned) size the VAE
-/// factor `f` divides.
+/// prompt (`per_prompt` is (its name, value)), and a (binned) size that `f`
+/// (named `what`: the VAE factor, times the patch size for video) divides.
 pub fn check_request(
     prompts: &[String],
     per_prompt: (&str, usize),
     height: i64,
     width: i64,
-    f: i64,
+    (f, what): (i64, &str),
 ) -> Result<()> {
     if prompts.is_empty() {
         return Err(SanaError::input(
@@ -53,7 +53,7 @@ pub fn check_request(
     if height <= 0 || width <= 0 || height % f != 0 || width % f != 0 {
         return Err(SanaError::input(
             "height/width",
-            format!("{height}×{width} must be positive multiples of the VAE factor {f}"),
+            format!("{height}×{width} must be positive multiples of {what} {f}"),
         ));
     }
     Ok(())

@@ -180,7 +180,7 @@ impl SanaPipeline {
             ("num_images_per_prompt", req.num_images_per_prompt),
             height,
             width,
-            f,
+            (f, "the VAE factor"),
         )?;
         let device = self.transformer.device();
         let do_cfg = req.guidance_scale > 1.0;

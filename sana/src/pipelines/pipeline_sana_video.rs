@@ -107,9 +107,9 @@ impl SanaVideoPipeline {
             device,
             kind,
         )?;
-        // The VAE stays fp32 as diffusers' SANA-Video examples load it: its decode
-        // is the long tail of memory, not of precision.
-        let vae = AutoencoderKLWan::from_pretrained(&sub_folder(dir, "vae")?, device, kind)?;
+        // The VAE stays fp32 whatever `kind` is, as diffusers' SANA-Video example
+        // loads it (`pipe.vae.to(torch.float32)`); decode casts the latents to it.
+        let vae = AutoencoderKLWan::from_pretrained(&sub_folder(dir, "vae")?, device, Kind::Float)?;
         let text_encoder = SanaTextEncoder::from_pretrained(dir, device, kind)?;
         Ok(Self {
             text_encoder,
@@ -197,7 +197,10 @@ impl SanaVideoPipeline {
             ("num_videos_per_prompt", req.num_videos_per_prompt),
             height,
             width,
-            f,
+            (
+                f * self.transformer.config.patch_size[1],
+                "the VAE factor × patch size",
+            ),
         )?;
         let device = self.transformer.device();
         let do_cfg = req.guidance_scale > 1.0;

@@ -31,51 +31,28 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "JPG"];
 impl ImageFolder {
     /// Lists the pairs (sorted by name, so every process sees the same order).
     pub fn open(dir: &Path) -> Result<Self> {
-        let rd = std::fs::read_dir(dir).map_err(|e| SanaError::io(dir, e))?;
-        let mut jsons: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        jsons.sort();
-        let (mut samples, mut unpaired) = (Vec::new(), 0usize);
-        for j in jsons {
-            let stem = j
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_string();
-            let image = IMAGE_EXTENSIONS
+        let media_of = |j: &Path| {
+            IMAGE_EXTENSIONS
                 .iter()
                 .map(|e| j.with_extension(e))
-                .find(|p| p.exists());
-            let prompt = super::sidecar_prompt(&j);
-            match (image, prompt) {
-                (Some(image), Some(prompt)) => samples.push(SftSample {
-                    id: stem,
-                    prompt,
-                    image,
-                }),
-                (img, prompt) => {
-                    unpaired += 1;
-                    tracing::warn!(
-                        file = %j.display(),
-                        image = img.is_some(),
-                        prompt = prompt.is_some(),
-                        "skipping an SFT sample without an image or a prompt"
-                    );
-                }
-            }
-        }
-        if samples.is_empty() {
-            return Err(SanaError::input(
-                "dataset.local_dir",
-                format!(
-                    "{}: no samples (name.json with \"prompt\" beside name.jpg/.png); {unpaired} unpaired",
-                    dir.display()
-                ),
-            ));
-        }
+                .find(|p| p.exists())
+        };
+        let kind = super::MediaKind {
+            media_of: &media_of,
+            orphans: &[],
+            noun: "image",
+            orphan_noun: "image",
+            layout: "name.jpg/.png",
+        };
+        let (pairs, unpaired) = super::list_pairs(dir, &kind)?;
+        let samples = pairs
+            .into_iter()
+            .map(|p| SftSample {
+                id: p.id,
+                prompt: p.prompt,
+                image: p.media,
+            })
+            .collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             samples,

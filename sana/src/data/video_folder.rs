@@ -31,50 +31,23 @@ pub struct VideoFolder {
 impl VideoFolder {
     /// Lists the pairs, sorted by name so every process sees the same order.
     pub fn open(dir: &Path) -> Result<Self> {
-        let rd = std::fs::read_dir(dir).map_err(|e| SanaError::io(dir, e))?;
-        let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-        files.sort();
-        let has = |p: &Path, ext: &str| p.extension().is_some_and(|x| x == ext);
-        let (mut samples, mut unpaired) = (Vec::new(), 0usize);
-        for mp4 in files.iter().filter(|p| has(p, "mp4")) {
-            if !mp4.with_extension("json").exists() {
-                unpaired += 1;
-                tracing::warn!(file = %mp4.display(), "skipping a clip without its name.json sidecar");
-            }
-        }
-        for j in files.iter().filter(|p| has(p, "json")) {
-            let video = j.with_extension("mp4");
-            let prompt = super::sidecar_prompt(j);
-            match (video.exists(), prompt) {
-                (true, Some(prompt)) => samples.push(VideoSample {
-                    id: j
-                        .file_stem()
-                        .and_then(|s| s.to_str())
-                        .unwrap_or_default()
-                        .to_string(),
-                    prompt,
-                    video,
-                }),
-                (v, prompt) => {
-                    unpaired += 1;
-                    tracing::warn!(
-                        file = %j.display(),
-                        video = v,
-                        prompt = prompt.is_some(),
-                        "skipping an SFT sample without an mp4 or a prompt"
-                    );
-                }
-            }
-        }
-        if samples.is_empty() {
-            return Err(SanaError::input(
-                "dataset.local_dir",
-                format!(
-                    "{}: no samples (name.json with \"prompt\" beside name.mp4); {unpaired} unpaired",
-                    dir.display()
-                ),
-            ));
-        }
+        let media_of = |j: &Path| Some(j.with_extension("mp4")).filter(|p| p.exists());
+        let kind = super::MediaKind {
+            media_of: &media_of,
+            orphans: &["mp4"],
+            noun: "mp4",
+            orphan_noun: "clip",
+            layout: "name.mp4",
+        };
+        let (pairs, unpaired) = super::list_pairs(dir, &kind)?;
+        let samples = pairs
+            .into_iter()
+            .map(|p| VideoSample {
+                id: p.id,
+                prompt: p.prompt,
+                video: p.media,
+            })
+            .collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             samples,

@@ -724,12 +724,14 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
         }
         if plan.dataset.is_none() {
             // Downloaded just now: plan again, with the set's size.
+            let not_supported = std::mem::take(&mut plan.not_supported);
             plan = Plan::new(
                 &cfg,
                 &plan.config_path,
                 &opts.base_dir,
                 plan.devices.clone(),
             )?;
+            plan.not_supported = not_supported;
         }
         let p = load_prompts(&cfg, &opts.base_dir, false)?;
         let v = if cfg.validation.enable {
@@ -743,6 +745,9 @@ pub async fn run(opts: RunOptions, cfg: RunConfig, mut plan: Plan) -> anyhow::Re
     };
     let run_id = format!("{}-{}", chrono_stamp(), std::process::id());
     eprintln!("run directory {}", run_dir.display());
+    if let Some(line) = plan.not_supported_line() {
+        tracing::warn!("{line}");
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -898,6 +903,16 @@ async fn step_loop(
     let ckpt = &cfg.train.ckpt;
     let g = plan.n_generation;
 
+    // Cosmos-RL's val_before_train: once at step 0, not again on a resume.
+    if let (Some(vp), true) = (
+        val_prompts,
+        state.step == 0 && validation_due(&cfg.validation, 0, last),
+    ) {
+        let span = tracing::info_span!(parent: &opts.trace_root, "validation", step = 0);
+        version = validate(job, cfg, plan, vp, 0, &mut log)
+            .instrument(span)
+            .await?;
+    }
     while state.step < last {
         let step = state.step + 1;
         let span = tracing::info_span!(parent: &opts.trace_root, "step", step, kind = "nft");
@@ -937,26 +952,10 @@ async fn step_loop(
             started.elapsed().as_secs_f64(),
         )?;
 
-        if let (Some(vp), true) = (
-            val_prompts,
-            cfg.validation.enable && (step % cfg.validation.freq.max(1) == 0 || step == last),
-        ) {
-            let n = cfg
-                .validation
-                .batch_size
-                .unwrap_or(plan.prompts_per_step)
-                .min(vp.len())
-                .max(1);
-            let items: Vec<_> = (0..n).map(|i| (i, vp.items[i].clone())).collect();
-            // Cosmos-RL validates with the EMA weights; the "old" adapter comes back after.
-            let ema_version = push_weights(job, "ema").instrument(span.clone()).await?;
-            let vg = cfg.validation.n_generation.max(1);
-            let batch = prompt_batch(step, seed ^ 0x5eed, ema_version, &items, vg, true, 0);
-            let vt = rollout_all(job, batch, &format!("step {step}: validation"))
+        if let (Some(vp), true) = (val_prompts, validation_due(&cfg.validation, step, last)) {
+            version = validate(job, cfg, plan, vp, step, &mut log)
                 .instrument(span.clone())
                 .await?;
-            version = sync_weights(job).instrument(span.clone()).await?;
-            log.validation(step, &vt)?;
         }
         let stopping = stop.load(Ordering::SeqCst);
         let periodic = ckpt.enable_checkpoint && step % ckpt.save_freq.max(1) == 0;
@@ -980,6 +979,45 @@ async fn step_loop(
         );
     }
     Ok(())
+}
+
+/// Whether NFT validation runs after `step` of a run ending at `last`; step 0
+/// is before the first step (Cosmos-RL's `val_before_train`), asked only when
+/// the run starts from scratch.
+fn validation_due(v: &sana::config::ValidationSection, step: u64, last: u64) -> bool {
+    v.enable
+        && if step == 0 {
+            v.val_before_train
+        } else {
+            step.is_multiple_of(v.freq.max(1)) || step == last
+        }
+}
+
+/// Samples the first `validation.batch_size` validation prompts with the EMA
+/// weights (as Cosmos-RL validates), scores and logs them at `step`, then
+/// gives the rollout workers the "old" adapter back; returns its version.
+async fn validate(
+    job: &mut Job,
+    cfg: &RunConfig,
+    plan: &Plan,
+    vp: &PromptDataset,
+    step: u64,
+    log: &mut RunLog,
+) -> anyhow::Result<u64> {
+    let n = cfg
+        .validation
+        .batch_size
+        .unwrap_or(plan.prompts_per_step)
+        .min(vp.len())
+        .max(1);
+    let items: Vec<_> = (0..n).map(|i| (i, vp.items[i].clone())).collect();
+    let ema_version = push_weights(job, "ema").await?;
+    let vg = cfg.validation.n_generation.max(1);
+    let batch = prompt_batch(step, cfg.seed() ^ 0x5eed, ema_version, &items, vg, true, 0);
+    let vt = rollout_all(job, batch, &format!("step {step}: validation")).await?;
+    let version = sync_weights(job).await?;
+    log.validation(step, &vt)?;
+    Ok(version)
 }
 
 /// Asks the policy worker to restore its newest checkpoint (with `train.resume`);
@@ -1104,4 +1142,29 @@ async fn sft_loop(
     let reply = checkpoint(job, &state, true, true).await?;
     log.finish(&reply)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_runs_every_freq_steps_the_last_and_before_the_first_when_asked() {
+        let mut v = sana::config::ValidationSection {
+            enable: true,
+            freq: 2,
+            ..Default::default()
+        };
+        let due = |v: &sana::config::ValidationSection| -> Vec<u64> {
+            (0..=5).filter(|&s| validation_due(v, s, 5)).collect()
+        };
+        assert_eq!(due(&v), [2, 4, 5]);
+        v.val_before_train = true;
+        assert_eq!(due(&v), [0, 2, 4, 5]);
+        v.enable = false;
+        assert!(
+            due(&v).is_empty(),
+            "val_before_train needs validation.enable"
+        );
+    }
 }

@@ -114,13 +114,15 @@ fn real_main(
         );
     }
     let base = std::env::current_dir()?;
-    let plan = controller::plan::Plan::new(
+    let mut plan = controller::plan::Plan::new(
         &loaded.config,
         &args.config,
         &base,
         controller::plan::detect_devices(),
     )
     .with_context(|| format!("{}", args.config.display()))?;
+    // Named once: in the plan (--dry-run) or at the start of the run.
+    plan.not_supported = loaded.not_supported.clone();
     if args.dry_run {
         print!("{}", plan.render(&loaded.config));
         return Ok(());

@@ -10,8 +10,19 @@ use sana::data::prompts::PromptDataset;
 
 /// Rewards the embedded reward-service scores without any model.
 pub const EMBEDDED_REWARDS: &[&str] = &["jpeg_compressibility", "jpeg_incompressibility"];
-/// Rewards Cosmos-RL's reward service provides (an external service is needed).
-pub const COSMOS_SERVICE_REWARDS: &[&str] = &["pickscore", "ocr", "geneval", "dance_grpo"];
+/// Rewards Cosmos-RL's reward service registers (`reward_name` of its
+/// `cosmos_rl_reward/model/*.py` handlers; an external service is needed).
+pub const COSMOS_SERVICE_REWARDS: &[&str] = &[
+    "cosmos_reason1",
+    "dance_grpo",
+    "gen_eval",
+    "hpsv2",
+    "hpsv3",
+    "image_reward",
+    "ocr",
+    "pickscore",
+    "unified_reward",
+];
 
 #[derive(Debug, Clone)]
 pub enum RewardSetup {
@@ -40,6 +51,9 @@ pub struct Plan {
     pub dataset: Option<(String, PathBuf, usize)>,
     pub rewards: RewardSetup,
     pub warnings: Vec<String>,
+    /// Keys the config sets that the run does not honour
+    /// (`sana::config::Loaded::not_supported`; the caller fills it in).
+    pub not_supported: Vec<String>,
 }
 
 /// Devices of this machine: `cuda:0..N` when CUDA is there, else one `cpu`.
@@ -308,7 +322,14 @@ impl Plan {
             dataset,
             rewards,
             warnings,
+            not_supported: Vec::new(),
         })
+    }
+
+    /// The one line that names the keys set in vain (None: there are none).
+    pub fn not_supported_line(&self) -> Option<String> {
+        (!self.not_supported.is_empty())
+            .then(|| format!("parsed, not supported: {}", self.not_supported.join(", ")))
     }
 
     /// What `--dry-run` prints.
@@ -465,12 +486,23 @@ impl Plan {
                 "off (only the final export)".into()
             },
             if c.validation.enable {
-                format!("every {} steps", c.validation.freq)
+                format!(
+                    "every {} steps{}",
+                    c.validation.freq,
+                    if c.validation.val_before_train {
+                        ", and before step 1"
+                    } else {
+                        ""
+                    }
+                )
             } else {
                 "off".into()
             }
         );
         let _ = writeln!(s, "output     {}", c.train.output_dir);
+        if let Some(line) = self.not_supported_line() {
+            let _ = writeln!(s, "warning    {line}");
+        }
         for w in &self.warnings {
             let _ = writeln!(s, "warning    {w}");
         }
@@ -485,5 +517,52 @@ fn frames_note(d: &sana::config::DiffusersSection) -> String {
         format!(", video {} frames", d.train_frames)
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key the run does not honour is named once, in one plan line.
+    #[test]
+    fn keys_set_in_vain_are_one_plan_line() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let demo = include_str!("../../configs/demo/tiny-image-nft.toml");
+        let text = format!("redis = \"12800\"\n{demo}")
+            .replace("compile = false", "compile = true\noptm_impl = \"fused\"");
+        let path = repo.join("configs/demo/tiny-image-nft.toml");
+        let loaded = sana::config::load_str(&text, &path, false).unwrap();
+        assert_eq!(
+            loaded.not_supported,
+            ["redis", "train.optm_impl", "train.compile"]
+        );
+        let mut plan = Plan::new(&loaded.config, &path, &repo, vec!["cpu".into()]).unwrap();
+        plan.not_supported = loaded.not_supported.clone();
+        let shown = plan.render(&loaded.config);
+        let lines: Vec<&str> = shown
+            .lines()
+            .filter(|l| l.contains("parsed, not supported"))
+            .collect();
+        assert_eq!(
+            lines,
+            ["warning    parsed, not supported: redis, train.optm_impl, train.compile"],
+            "{shown}"
+        );
+
+        // The demo as shipped sets nothing in vain: no such line.
+        let loaded = sana::config::load_str(demo, &path, false).unwrap();
+        assert!(
+            loaded.not_supported.is_empty(),
+            "{:?}",
+            loaded.not_supported
+        );
+    }
+
+    #[test]
+    fn rewards_are_named_as_cosmos_rl_registers_them() {
+        assert!(COSMOS_SERVICE_REWARDS.contains(&"gen_eval"));
+        assert!(!COSMOS_SERVICE_REWARDS.contains(&"geneval"));
+        assert_eq!(COSMOS_SERVICE_REWARDS.len(), 9);
     }
 }

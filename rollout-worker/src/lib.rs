@@ -18,6 +18,7 @@ use sana::config::runtime::{kind_of, lora_config, resolve_model_dir};
 use sana::config::RunConfig;
 use sana::pipelines::auto_pipeline::{AutoPipeline, SampleOutput, SampleRequest};
 use sana::pipelines::denoise::Sampler;
+use sana::schedulers::solver::SolverConfig;
 use tch::{Device, Kind, Tensor};
 use tensor_wire::{from_wire, to_wire};
 use tonic::{Request, Response, Status, Streaming};
@@ -114,6 +115,48 @@ struct Sampled {
     seconds: f64,
 }
 
+/// The sampling calls of one rollout: consecutive runs of `(prompt position,
+/// samples)` in prompt-major order, each call holding at most `mini_batch`
+/// samples (`rollout.n_generation_mini_batch`; all of them when unset, as
+/// Cosmos-RL's NFT rollout splits the flat prompts × generations batch).
+pub fn sampling_calls(
+    prompts: usize,
+    per_prompt: usize,
+    mini_batch: Option<usize>,
+) -> Vec<Vec<(usize, usize)>> {
+    let total = prompts * per_prompt;
+    let size = mini_batch.unwrap_or(total).clamp(1, total.max(1));
+    (0..total)
+        .step_by(size)
+        .map(|start| {
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for k in start..(start + size).min(total) {
+                match runs.last_mut() {
+                    Some((p, n)) if *p == k / per_prompt => *n += 1,
+                    _ => runs.push((k / per_prompt, 1)),
+                }
+            }
+            runs
+        })
+        .collect()
+}
+
+/// One call's prompts (positions in the batch) and samples per prompt: each
+/// prompt once with its count when the counts agree, else one entry per sample
+/// (a call that cuts through a prompt's group). Expanded as the pipeline
+/// repeats them, they are the call's samples in order.
+pub fn call_prompts(runs: &[(usize, usize)]) -> (Vec<usize>, usize) {
+    if runs.iter().all(|r| r.1 == runs[0].1) {
+        (runs.iter().map(|r| r.0).collect(), runs[0].1)
+    } else {
+        let each = runs
+            .iter()
+            .flat_map(|&(p, n)| std::iter::repeat_n(p, n))
+            .collect();
+        (each, 1)
+    }
+}
+
 fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled, Status> {
     let c = &setup.config;
     let d = &c.policy.diffusers;
@@ -123,13 +166,18 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
     // Cosmos-RL's NFT rollout samples `train_frames` frames.
     let frames = d.train_frames;
     let shape = s.pipeline.latent_shape(h, w, frames);
-    // Every sample's initial noise from its own seed.
-    let noise: Vec<Tensor> = b
+    // Every sample's initial noise (and a stochastic solver's step noise) from
+    // its own seed, so a sample does not depend on how the batch is split.
+    let seeds: Vec<i64> = b
         .prompts
         .iter()
         .flat_map(|p| (0..g).map(move |k| (p.index, k as u64)))
-        .map(|(idx, k)| {
-            tch::manual_seed(sample_seed(b.seed, b.step, idx, k));
+        .map(|(idx, k)| sample_seed(b.seed, b.step, idx, k))
+        .collect();
+    let noise: Vec<Tensor> = seeds
+        .iter()
+        .map(|&seed| {
+            tch::manual_seed(seed);
             Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu))
         })
         .collect();
@@ -138,35 +186,41 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
     } else {
         d.sample.num_steps
     };
-    let sampler = match d.sample.solver.as_str() {
-        "euler" | "flow_euler" => Sampler::Euler,
-        _ => Sampler::Dpm,
-    };
-    // Chunks of prompts (n_generation_mini_batch bounds the samples per call).
-    let per_call = c
-        .rollout
-        .n_generation_mini_batch
-        .map_or(b.prompts.len(), |m| (m / g).max(1));
+    let solver = SolverConfig::parse(
+        &d.sample.solver,
+        d.sample.deterministic_sampling,
+        d.sample.noise_level,
+    )
+    .map_err(|e| Status::invalid_argument(format!("policy.diffusers.sample: {e}")))?;
+    let calls = sampling_calls(b.prompts.len(), g, c.rollout.n_generation_mini_batch);
     let mut parts = Vec::new();
-    for (ci, chunk) in b.prompts.chunks(per_call).enumerate() {
-        let start = ci * per_call * g;
-        let n = chunk.len() * g;
+    let mut start = 0usize;
+    for runs in calls {
+        let n: usize = runs.iter().map(|r| r.1).sum();
+        let (positions, per_prompt) = call_prompts(&runs);
+        let prompts = positions
+            .iter()
+            .map(|&p| b.prompts[p].text.clone())
+            .collect();
+        tracing::debug!(samples = n, "sampling call");
         let out = s
             .pipeline
             .sample(SampleRequest {
-                prompts: chunk.iter().map(|p| p.text.clone()).collect(),
-                per_prompt: g,
+                prompts,
+                per_prompt,
                 num_inference_steps: steps,
                 guidance_scale: d.sample.guidance_scale,
                 height: h,
                 width: w,
                 frames,
-                sampler,
+                sampler: Sampler::Solver(solver),
                 init_noise: Tensor::stack(&noise[start..start + n], 0),
+                noise_seeds: Some(seeds[start..start + n].to_vec()),
                 max_sequence_length: d.max_prompt_length,
             })
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         parts.push(out);
+        start += n;
     }
     let cat = |f: &dyn Fn(&SampleOutput) -> Tensor| {
         Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)
@@ -486,6 +540,58 @@ pub async fn serve(setup: WorkerSetup, listen: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `n_generation_mini_batch` bounds every sampling call, whole groups or
+    /// not, and the calls cover every sample once, in order.
+    #[test]
+    fn sampling_calls_hold_at_most_the_mini_batch() {
+        for (prompts, g, mini) in [
+            (4, 8, None),
+            (4, 8, Some(8)),
+            (4, 8, Some(3)),
+            (3, 2, Some(4)),
+            (2, 5, Some(100)),
+            (1, 1, Some(1)),
+        ] {
+            let calls = sampling_calls(prompts, g, mini);
+            let bound = mini.unwrap_or(prompts * g).min(prompts * g);
+            let sizes: Vec<usize> = calls.iter().map(|c| c.iter().map(|r| r.1).sum()).collect();
+            assert!(
+                sizes.iter().all(|&n| n <= bound),
+                "{prompts}×{g}, mini {mini:?}: {sizes:?}"
+            );
+            assert_eq!(calls.len(), (prompts * g).div_ceil(bound));
+            let flat: Vec<usize> = calls
+                .iter()
+                .flatten()
+                .flat_map(|&(p, n)| std::iter::repeat_n(p, n))
+                .collect();
+            let want: Vec<usize> = (0..prompts)
+                .flat_map(|p| std::iter::repeat_n(p, g))
+                .collect();
+            assert_eq!(flat, want);
+        }
+        // 4 prompts × 8 with mini batch 3: eleven calls, the third cutting a group.
+        assert_eq!(sampling_calls(4, 8, Some(3))[2], vec![(0, 2), (1, 1)]);
+    }
+
+    /// Each call's prompts, repeated as the pipeline repeats them, are its
+    /// samples' prompts in order: sample k of the rollout is prompt k / g's.
+    #[test]
+    fn call_prompts_expand_to_the_samples_in_order() {
+        let g = 4;
+        for mini in [3, 4, 5, 8, 12] {
+            let mut samples = Vec::new();
+            for runs in sampling_calls(3, g, Some(mini)) {
+                let (positions, per) = call_prompts(&runs);
+                samples.extend(positions.iter().flat_map(|&p| std::iter::repeat_n(p, per)));
+            }
+            let want: Vec<usize> = (0..3 * g).map(|k| k / g).collect();
+            assert_eq!(samples, want, "mini batch {mini}");
+        }
+        assert_eq!(call_prompts(&[(0, 2), (1, 2)]), (vec![0, 1], 2));
+        assert_eq!(call_prompts(&[(0, 2), (1, 1)]), (vec![0, 0, 1], 1));
+    }
 
     #[test]
     fn sample_seeds_differ_by_every_coordinate() {

@@ -6,26 +6,83 @@ use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
 /// The directory of one reference case (`$SANA_PARITY_DIR/<case>`, default
-/// `target/parity/<case>`). `None` (after a note) when it is absent and
-/// `SANA_PARITY_REQUIRED` is unset; a panic when it is required.
-pub fn parity_case(case: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("SANA_PARITY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/parity")));
+/// `target/parity/<case>`). A missing reference, or references written under
+/// another `ATEN_CPU_CAPABILITY` than this test runs under, is a failure with
+/// the command that writes them: a parity test never passes by skipping.
+pub fn parity_case(case: &str) -> PathBuf {
+    let root = parity_root();
     let dir = root.join(case);
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    let msg = format!(
-        "parity reference {} is missing: run `scripts/parity/make_reference.py {}` (the README's test command does)",
-        dir.display(),
+    let make = format!(
+        "run `scripts/parity/make_reference.py {}` with the same ATEN_CPU_CAPABILITY \
+         (the README's test command does)",
         root.display()
     );
-    if std::env::var("SANA_PARITY_REQUIRED").is_ok_and(|v| v == "1") {
-        panic!("{msg}");
+    if !dir.is_dir() {
+        panic!("parity reference {} is missing: {make}", dir.display());
     }
-    eprintln!("skipping: {msg}");
-    None
+    let stamp = root.join("capability.json");
+    let written: serde_json::Value = std::fs::read_to_string(&stamp)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| panic!("{} is missing or unreadable: {make}", stamp.display()));
+    let now = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default();
+    let then = written["ATEN_CPU_CAPABILITY"].as_str().unwrap_or_default();
+    if now != then {
+        panic!(
+            "the references in {} were written with ATEN_CPU_CAPABILITY={then:?} but this test \
+             runs with {now:?}: libtorch's CPU kernels (and randn streams) differ between them; {make}",
+            root.display()
+        );
+    }
+    dir
+}
+
+/// `$SANA_PARITY_DIR`, else `target/parity[-$ATEN_CPU_CAPABILITY]` as the test
+/// command writes them (one set of references per CPU-kernel setting).
+fn parity_root() -> PathBuf {
+    std::env::var_os("SANA_PARITY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cap = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default();
+            let name = if cap.is_empty() {
+                "parity".to_string()
+            } else {
+                format!("parity-{cap}")
+            };
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).join(name)
+        })
+}
+
+/// Two prompts of very different lengths (the parity scripts' `UNEQUAL_PROMPTS`):
+/// their caption masks differ, so a sample given the other prompt's mask shows.
+pub fn unequal_prompts() -> Vec<String> {
+    vec![
+        "a cat".into(),
+        "An old lighthouse keeper in a yellow raincoat climbs the spiral stairs at dusk, \
+         carrying a brass lantern, while storm clouds gather over a grey sea and gulls circle \
+         the tower, oil painting, warm and cold light, highly detailed"
+            .into(),
+    ]
+}
+
+/// Standard-normal fp32 noise on the CPU from its own seed.
+pub fn seeded_randn(shape: &[i64], seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn(shape, (Kind::Float, tch::Device::Cpu))
+}
+
+/// Asserts `|got - want| <= rtol·|want| + atol` and prints both. The absolute
+/// part is for values near zero, where a relative bound would demand more than
+/// the arithmetic gives (a metric that is exactly 0 in the reference and 1e-15
+/// in ours); set it from the size of the operands the value is computed from.
+pub fn assert_close(what: &str, got: f64, want: f64, rtol: f64, atol: f64) {
+    let bound = rtol * want.abs() + atol;
+    let diff = (got - want).abs();
+    eprintln!("{what}: ours {got:.9e} reference {want:.9e} diff {diff:.2e} (bound {bound:.2e})");
+    assert!(
+        diff <= bound,
+        "{what}: {got} vs {want}: diff {diff:e} > {bound:e}"
+    );
 }
 
 /// Tensors of a safetensors file by name.
@@ -129,30 +186,20 @@ pub fn tiny_nft_model_and_batch(
     (model, batch)
 }
 
-/// The venv's python (for checks that load our outputs with diffusers/PEFT);
-/// `None` (after a note) without `VIRTUAL_ENV`, a panic when parity is required.
-pub fn python() -> Option<std::path::PathBuf> {
+/// The venv's python (for checks that load our outputs with diffusers/PEFT); a
+/// failure naming the fix without `VIRTUAL_ENV`.
+pub fn python() -> std::path::PathBuf {
     let py = std::env::var_os("VIRTUAL_ENV")
         .map(|v| std::path::PathBuf::from(v).join("bin").join("python"));
-    match py.filter(|p| p.exists()) {
-        Some(p) => Some(p),
-        None if std::env::var("SANA_PARITY_REQUIRED").is_ok_and(|v| v == "1") => {
-            panic!("VIRTUAL_ENV is not set: source scripts/env.sh to run the PEFT/diffusers export check")
-        }
-        None => {
-            eprintln!("skipping: VIRTUAL_ENV is not set (source scripts/env.sh)");
-            None
-        }
-    }
+    py.filter(|p| p.exists()).unwrap_or_else(|| {
+        panic!("VIRTUAL_ENV is not set: source scripts/env.sh to run the PEFT/diffusers check")
+    })
 }
 
 /// Runs `scripts/parity/<script>` with the venv's python and `args`, echoing its
-/// stdout; panics with `what`, stdout and stderr when it fails. `false` when the
-/// check is skipped (no venv and parity not required).
-pub fn run_parity_check(script: &str, args: &[&std::ffi::OsStr], what: &str) -> bool {
-    let Some(py) = python() else {
-        return false;
-    };
+/// stdout; panics with `what`, stdout and stderr when it fails.
+pub fn run_parity_check(script: &str, args: &[&std::ffi::OsStr], what: &str) {
+    let py = python();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts/parity")
         .join(script);
@@ -168,7 +215,6 @@ pub fn run_parity_check(script: &str, args: &[&std::ffi::OsStr], what: &str) -> 
         "{what}:\n{stdout}\n{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    true
 }
 
 /// Starts `world` copies of this test binary running the ignored test `test`
@@ -237,4 +283,104 @@ pub fn rank_env() -> Option<(crate::training::parallel::DataParallel, std::path:
         crate::training::parallel::DataParallel::new(group, tch::Kind::Float, tch::Device::Cpu),
         out.into(),
     ))
+}
+
+/// A transformer that records the timestep of every forward (and FSDP
+/// prelude) and reports `scale` as its `timestep_scale`: for checking what
+/// timesteps the sampling loop and the trainers feed the model.
+pub struct TimestepSpy<M> {
+    pub inner: M,
+    pub scale: f64,
+    pub seen: std::sync::Mutex<Vec<Tensor>>,
+}
+
+impl<M> TimestepSpy<M> {
+    pub fn new(inner: M, scale: f64) -> Self {
+        Self {
+            inner,
+            scale,
+            seen: Default::default(),
+        }
+    }
+
+    /// Every timestep value seen, in order.
+    pub fn seen_values(&self) -> Vec<f64> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|t| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap())
+            .collect()
+    }
+
+    fn record(&self, t: &Tensor) {
+        self.seen.lock().unwrap().push(t.detach().copy());
+    }
+}
+
+impl<M: crate::models::DiffusionTransformer> crate::models::DiffusionTransformer
+    for TimestepSpy<M>
+{
+    fn forward(
+        &self,
+        x: &crate::models::transformers::TransformerInputs<'_>,
+    ) -> crate::Result<Tensor> {
+        self.record(x.timestep);
+        self.inner.forward(x)
+    }
+    fn lora(&self) -> &crate::lora::LoraAdapters {
+        self.inner.lora()
+    }
+    fn lora_mut(&mut self) -> &mut crate::lora::LoraAdapters {
+        self.inner.lora_mut()
+    }
+    fn var_store(&self) -> &tch::nn::VarStore {
+        self.inner.var_store()
+    }
+    fn var_store_mut(&mut self) -> &mut tch::nn::VarStore {
+        self.inner.var_store_mut()
+    }
+    fn in_channels(&self) -> i64 {
+        self.inner.in_channels()
+    }
+    fn out_channels(&self) -> i64 {
+        self.inner.out_channels()
+    }
+    fn timestep_scale(&self) -> f64 {
+        self.scale
+    }
+    fn device(&self) -> tch::Device {
+        self.inner.device()
+    }
+    fn kind(&self) -> Kind {
+        self.inner.kind()
+    }
+    fn save_pretrained_with(
+        &self,
+        dir: &std::path::Path,
+        opts: &crate::models::modeling_utils::SaveOptions,
+    ) -> crate::Result<()> {
+        self.inner.save_pretrained_with(dir, opts)
+    }
+    fn num_blocks(&self) -> usize {
+        self.inner.num_blocks()
+    }
+    fn prelude(
+        &self,
+        x: &crate::models::transformers::TransformerInputs<'_>,
+    ) -> crate::Result<(Tensor, crate::models::transformers::BlockContext)> {
+        self.record(x.timestep);
+        self.inner.prelude(x)
+    }
+    fn block_forward(
+        &self,
+        i: usize,
+        hs: &Tensor,
+        ctx: &crate::models::transformers::BlockContext,
+    ) -> Tensor {
+        self.inner.block_forward(i, hs, ctx)
+    }
+    fn finale(&self, hs: &Tensor, ctx: &crate::models::transformers::BlockContext) -> Tensor {
+        self.inner.finale(hs, ctx)
+    }
 }

@@ -3,7 +3,7 @@
 diffusers (pinned in scripts/requirements.txt), saves them with `save_pretrained`,
 and writes inputs and diffusers' outputs for the Rust tests to compare against.
 
-Usage: make_reference.py OUT_DIR   (the test command uses target/parity)
+Usage: make_reference.py OUT_DIR   (the test command uses target/parity[-<ATEN_CPU_CAPABILITY>])
 
 Layout written:
   OUT_DIR/transformer_<case>/model/            config.json + diffusion_pytorch_model.safetensors
@@ -14,6 +14,7 @@ Layout written:
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -126,6 +127,8 @@ def main() -> None:
     torch.set_num_threads(1)
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
+    # Written last, so that references cut short by a failure are never taken as complete.
+    (out / "capability.json").unlink(missing_ok=True)
     for i, (name, case) in enumerate(CASES.items()):
         write_transformer_case(out, name, case, seed=1000 + i)
         print(f"transformer_{name}: ok")
@@ -134,12 +137,18 @@ def main() -> None:
     __import__("text_encoder").write_text_encoder_cases(out)
     __import__("training").write_training_cases(out)  # scripts/parity/training.py (NFT loss)
     __import__("nft_step").write_nft_step_cases(out)  # scripts/parity/nft_step.py (whole NFT steps, PEFT)
+    __import__("solvers").write_solver_cases(out)  # scripts/parity/solvers.py (DiffusionNFT's rollout solvers)
     __import__("sft_step").write_sft_step_cases(out)  # scripts/parity/sft_step.py (SFT steps, full and LoRA)
     __import__("pipeline").write_pipeline_cases(out)  # scripts/parity/pipeline.py (full SanaPipeline)
     __import__("lora").write_lora_cases(out)  # scripts/parity/lora.py (PEFT / diffusers LoRA)
     __import__("video").write_video_cases(out)  # scripts/parity/video.py (SANA-Video transformer)
     __import__("video").write_wan_vae_cases(out)  # scripts/parity/video.py (Wan 2.1 VAE)
     __import__("video").write_video_pipeline_cases(out)  # scripts/parity/video.py (SanaVideoPipeline)
+    # The Rust tests refuse references written under other CPU kernels than theirs.
+    (out / "capability.json").write_text(json.dumps({
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+        "torch_reports": torch.backends.cpu.get_cpu_capability(),
+    }))
     print(f"parity references written to {out}")
 
 

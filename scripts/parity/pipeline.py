@@ -9,7 +9,10 @@ pipeline on fixed initial noise for both samplers, with and without CFG.
 Layout written:
   OUT_DIR/pipeline_sana/pipeline/             the saved pipeline
   OUT_DIR/pipeline_sana/<case>.safetensors    noise [B,C,h,w], latents (final, before the VAE),
-                                              images [B,3,H,W] in [0,1] before 8-bit quantisation
+                                              images [B,3,H,W] in [0,1] before 8-bit quantisation;
+                                              cases with several prompts × several images: each prompt
+                                              alone (see per_prompt_reference), and
+                                              latents_diffusers_batched
   OUT_DIR/pipeline_sana/cases.json            {case: {prompts, negative_prompt, steps, guidance_scale,
                                                sampler, height, width, num_images_per_prompt}}
 """
@@ -46,12 +49,23 @@ SANA_SCHEDULER = dict(
 )
 
 PROMPTS = ["a red fox in the snow", "Two cats playing chess, 4k"]
+# Prompts of very different lengths: several images per prompt is where diffusers'
+# tiled caption mask gives samples another prompt's mask (see per_prompt_reference).
+UNEQUAL_PROMPTS = [
+    "a cat",
+    "An old lighthouse keeper in a yellow raincoat climbs the spiral stairs at dusk, carrying a brass "
+    "lantern, while storm clouds gather over a grey sea and gulls circle the tower, oil painting, "
+    "warm and cold light, highly detailed",
+]
 CASES = {
     "dpm_cfg": dict(sampler="dpm", guidance_scale=4.5, steps=6),
     "dpm_nocfg": dict(sampler="dpm", guidance_scale=1.0, steps=5),
     "euler_cfg": dict(sampler="euler", guidance_scale=3.0, steps=6),
     "euler_nocfg": dict(sampler="euler", guidance_scale=1.0, steps=4),
-    "dpm_cfg_2per_prompt": dict(sampler="dpm", guidance_scale=4.5, steps=4, num_images_per_prompt=2),
+    "dpm_cfg_2per_prompt": dict(sampler="dpm", guidance_scale=4.5, steps=4, num_images_per_prompt=2,
+                                prompts=UNEQUAL_PROMPTS),
+    "euler_nocfg_2per_prompt": dict(sampler="euler", guidance_scale=1.0, steps=4, num_images_per_prompt=2,
+                                    prompts=UNEQUAL_PROMPTS),
 }
 HEIGHT, WIDTH = 64, 96  # multiples of 32 (diffusers' check); the tiny DC-AE compresses by 8
 
@@ -91,6 +105,28 @@ def build_pipeline(out: pathlib.Path, seed: int, mid: bool = False) -> SanaPipel
     return SanaPipeline.from_pretrained(out / "pipeline")
 
 
+def per_prompt_reference(run, prompts, n, noise, media_key="images"):
+    """The reference outputs of one case: `run(prompts, noise, output_type)` calls the
+    diffusers pipeline. With one prompt, or one sample per prompt, diffusers' batched
+    call is the reference. With several prompts and several samples each, diffusers
+    pairs sample k with prompt k // n's embeddings but prompt k mod B's caption mask
+    (it tiles the mask), so the reference is each prompt generated alone from its
+    own slice of the noise — what diffusers computes right — concatenated; the
+    batched call is kept as `latents_diffusers_batched` to show the departure."""
+    tensors = {"noise": noise}
+    if len(prompts) > 1 and n > 1:
+        latents, media = [], []
+        for j, p in enumerate(prompts):
+            part = noise[j * n:(j + 1) * n]
+            latents.append(run([p], part, "latent"))
+            media.append(run([p], part, "pt"))
+        tensors["latents"], tensors[media_key] = torch.cat(latents), torch.cat(media)
+        tensors["latents_diffusers_batched"] = run(prompts, noise, "latent")
+    else:
+        tensors["latents"], tensors[media_key] = run(prompts, noise, "latent"), run(prompts, noise, "pt")
+    return tensors
+
+
 def write_pipeline_cases(out_dir: pathlib.Path) -> None:
     out = out_dir / "pipeline_sana"
     out.mkdir(parents=True, exist_ok=True)
@@ -99,24 +135,26 @@ def write_pipeline_cases(out_dir: pathlib.Path) -> None:
     meta = {}
     for i, (name, case) in enumerate(CASES.items()):
         n = case.get("num_images_per_prompt", 1)
+        prompts = case.get("prompts", PROMPTS)
         c = pipe.transformer.config.in_channels
         f = pipe.vae_scale_factor
-        noise = torch.randn(len(PROMPTS) * n, c, HEIGHT // f, WIDTH // f, generator=torch.Generator().manual_seed(i))
-        if case["sampler"] == "dpm":
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
-        else:
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
-        kw = dict(
-            prompt=PROMPTS, negative_prompt="", num_inference_steps=case["steps"],
-            guidance_scale=case["guidance_scale"], height=HEIGHT, width=WIDTH, num_images_per_prompt=n,
-            use_resolution_binning=False,
-        )
-        with torch.no_grad():
-            latents = pipe(**kw, latents=noise.clone(), output_type="latent").images
-            images = pipe(**kw, latents=noise.clone(), output_type="pt").images
-        save_file({"noise": noise.contiguous(), "latents": latents.float().contiguous(),
-                   "images": images.float().contiguous()}, str(out / f"{name}.safetensors"))
-        meta[name] = dict(prompts=PROMPTS, negative_prompt="", steps=case["steps"],
+        noise = torch.randn(len(prompts) * n, c, HEIGHT // f, WIDTH // f, generator=torch.Generator().manual_seed(i))
+
+        def run(prompt, latents, output_type):
+            if case["sampler"] == "dpm":
+                pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
+            else:
+                pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
+            with torch.no_grad():
+                return pipe(
+                    prompt=prompt, negative_prompt="", num_inference_steps=case["steps"],
+                    guidance_scale=case["guidance_scale"], height=HEIGHT, width=WIDTH, num_images_per_prompt=n,
+                    use_resolution_binning=False, latents=latents.clone(), output_type=output_type,
+                ).images
+
+        tensors = per_prompt_reference(run, prompts, n, noise)
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"))
+        meta[name] = dict(prompts=prompts, negative_prompt="", steps=case["steps"],
                           guidance_scale=case["guidance_scale"], sampler=case["sampler"], height=HEIGHT,
                           width=WIDTH, num_images_per_prompt=n)
     (out / "cases.json").write_text(json.dumps(meta, indent=1))

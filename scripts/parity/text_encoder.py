@@ -21,8 +21,11 @@ Layout written, one folder per case:
       prompt_input_ids, prompt_tokenizer_mask, prompt_last_hidden_state   what diffusers fed the text
                                                                           encoder and what it returned
       negative_input_ids, negative_tokenizer_mask                         the same for the negative prompt
-      prompt_embeds, prompt_attention_mask,
-      negative_prompt_embeds, negative_prompt_attention_mask              SanaPipeline.encode_prompt's outputs
+      prompt_embeds, negative_prompt_embeds,
+      negative_prompt_attention_mask                                      SanaPipeline.encode_prompt's outputs
+      prompt_attention_mask                                               its mask, repeated per prompt as
+                                                                          the embeddings are (sana-rl)
+      diffusers_prompt_attention_mask                                     its mask as diffusers tiles it
 Cases: fp32 (Gemma2Model), bf16 (saved in bf16, loaded with dtype=bfloat16), causal_lm (saved from
 Gemma2ForCausalLM, `model.`-prefixed keys, config.json rewritten in the transformers-4.x style of the
 published SANA checkpoints: top-level rope_theta, no layer_types).
@@ -191,12 +194,17 @@ def write_case(out: pathlib.Path, name: str, dtype: torch.dtype, causal_lm: bool
                 max_sequence_length=spec["max_sequence_length"],
                 complex_human_instruction=chi_arg(spec["complex_human_instruction"]),
             )
+        # diffusers tiles the mask over the batch (m0 m1 m0 m1) while it repeats the
+        # embeddings per prompt (p0 p0 p1 p1); sana-rl gives each sample its own
+        # prompt's mask. The first B rows of the tiled mask are m0..m(B-1).
+        b, n = len(prompts), spec["num_images_per_prompt"]
         tensors = dict(
             prompt_input_ids=calls[0][0],
             prompt_tokenizer_mask=calls[0][1],
             prompt_last_hidden_state=calls[0][2],
             prompt_embeds=pe,
-            prompt_attention_mask=pm,
+            prompt_attention_mask=pm[:b].repeat_interleave(n, dim=0),
+            diffusers_prompt_attention_mask=pm,
         )
         if spec["do_classifier_free_guidance"]:
             tensors.update(

@@ -106,7 +106,10 @@ VIDEO_PIPELINE_CASES = {
     "dpm_cfg": dict(sampler="dpm", guidance_scale=6.0, steps=4, frames=5),
     "dpm_nocfg": dict(sampler="dpm", guidance_scale=1.0, steps=3, frames=9),
     "euler_cfg": dict(sampler="euler", guidance_scale=4.0, steps=3, frames=5),
-    "dpm_cfg_2per_prompt": dict(sampler="dpm", guidance_scale=6.0, steps=3, frames=1, num_videos_per_prompt=2),
+    "dpm_cfg_2per_prompt": dict(sampler="dpm", guidance_scale=6.0, steps=3, frames=1, num_videos_per_prompt=2,
+                                prompts="unequal"),
+    "euler_nocfg_2per_prompt": dict(sampler="euler", guidance_scale=1.0, steps=3, frames=5,
+                                    num_videos_per_prompt=2, prompts="unequal"),
 }
 VIDEO_HEIGHT, VIDEO_WIDTH = 64, 96  # multiples of 32 (diffusers' check); the Wan VAE compresses by 8
 
@@ -155,29 +158,35 @@ def write_video_pipeline_cases(out_dir: pathlib.Path) -> None:
     pipe = build_video_pipeline(out, seed=5151)
     dpm_config = pipe.scheduler.config
     meta = {}
+    import pipeline as image_pipeline  # scripts/parity/pipeline.py
+
     for i, (name, case) in enumerate(VIDEO_PIPELINE_CASES.items()):
         n = case.get("num_videos_per_prompt", 1)
+        prompts = image_pipeline.UNEQUAL_PROMPTS if case.get("prompts") == "unequal" else VIDEO_PROMPTS
         c = pipe.transformer.config.in_channels
         f, ft = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         lat_t = (case["frames"] - 1) // ft + 1
-        noise = torch.randn(len(VIDEO_PROMPTS) * n, c, lat_t, VIDEO_HEIGHT // f, VIDEO_WIDTH // f,
+        noise = torch.randn(len(prompts) * n, c, lat_t, VIDEO_HEIGHT // f, VIDEO_WIDTH // f,
                             generator=torch.Generator().manual_seed(i))
-        if case["sampler"] == "dpm":
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
-        else:
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
-        kw = dict(
-            prompt=VIDEO_PROMPTS, negative_prompt="", num_inference_steps=case["steps"],
-            guidance_scale=case["guidance_scale"], height=VIDEO_HEIGHT, width=VIDEO_WIDTH,
-            frames=case["frames"], num_videos_per_prompt=n, use_resolution_binning=False,
-        )
-        with torch.no_grad():
-            latents = pipe(**kw, latents=noise.clone(), output_type="latent").frames
-            frames = pipe(**kw, latents=noise.clone(), output_type="pt").frames  # [B, T, 3, H, W]
-        save_file({"noise": noise.contiguous(), "latents": latents.float().contiguous(),
-                   "videos": frames.permute(0, 2, 1, 3, 4).float().contiguous()},
-                  str(out / f"{name}.safetensors"))
-        meta[name] = dict(prompts=VIDEO_PROMPTS, negative_prompt="", steps=case["steps"],
+
+        def run(prompt, latents, output_type):
+            if case["sampler"] == "dpm":
+                pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
+            else:
+                pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
+            with torch.no_grad():
+                frames = pipe(
+                    prompt=prompt, negative_prompt="", num_inference_steps=case["steps"],
+                    guidance_scale=case["guidance_scale"], height=VIDEO_HEIGHT, width=VIDEO_WIDTH,
+                    frames=case["frames"], num_videos_per_prompt=n, use_resolution_binning=False,
+                    latents=latents.clone(), output_type=output_type,
+                ).frames
+            # frames come as [B, T, 3, H, W]; the reference keeps [B, 3, T, H, W]
+            return frames if output_type == "latent" else frames.permute(0, 2, 1, 3, 4)
+
+        tensors = image_pipeline.per_prompt_reference(run, prompts, n, noise, media_key="videos")
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"))
+        meta[name] = dict(prompts=prompts, negative_prompt="", steps=case["steps"],
                           guidance_scale=case["guidance_scale"], sampler=case["sampler"],
                           height=VIDEO_HEIGHT, width=VIDEO_WIDTH, frames=case["frames"],
                           num_videos_per_prompt=n)

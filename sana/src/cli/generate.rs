@@ -15,6 +15,7 @@ use crate::pipelines::auto_pipeline::is_video_pipeline;
 use crate::pipelines::pipeline_sana::{write_png, GenerateRequest, Sampler, SanaPipeline};
 use crate::pipelines::pipeline_sana_video::{SanaVideoPipeline, VideoGenerateRequest};
 use crate::pipelines::text_encoding::PromptOptions;
+use crate::schedulers::solver::SolverConfig;
 use crate::video_io::{write_mp4, write_png_frames};
 
 #[derive(Args, Debug)]
@@ -55,6 +56,19 @@ pub struct GenerateArgs {
     /// `dpm`: the pipeline's scheduler/ config; `euler`: flow-matching Euler with its flow_shift.
     #[arg(long, value_enum, default_value_t = SamplerArg::Dpm)]
     pub sampler: SamplerArg,
+    /// Sample with one of DiffusionNFT's rollout solvers instead of --sampler, as a
+    /// DiffusionNFT run does: flow, dance, ddim, dpm1, dpm2 (euler = deterministic
+    /// flow), over the sigma schedule of the pipeline's scheduler/ config.
+    /// Deterministic unless --stochastic.
+    #[arg(long, conflicts_with = "sampler")]
+    pub solver: Option<String>,
+    /// Stochastic sampling with --solver (flow, dance, ddim): the config's
+    /// `deterministic_sampling = false`. Step noise comes from --seed when given.
+    #[arg(long, requires = "solver")]
+    pub stochastic: bool,
+    /// eta of a stochastic solver (the config's `noise_level`).
+    #[arg(long, default_value_t = 1.0, requires = "stochastic")]
+    pub noise_level: f64,
     /// Generate at exactly --height × --width instead of snapping to diffusers' resolution bins.
     #[arg(long)]
     pub no_resolution_binning: bool,
@@ -262,11 +276,48 @@ fn read_init_noise(args: &GenerateArgs) -> anyhow::Result<Option<Tensor>> {
     })
 }
 
-fn sampler(args: &GenerateArgs) -> Sampler {
-    match args.sampler {
+fn sampler(args: &GenerateArgs) -> anyhow::Result<Sampler> {
+    if let Some(name) = &args.solver {
+        // The parse errors name config keys; say it with the flags here.
+        let cfg =
+            SolverConfig::parse(name, !args.stochastic, args.noise_level).map_err(
+                |e| match &e {
+                    crate::SanaError::Input { name: key, .. }
+                        if key == "deterministic_sampling" =>
+                    {
+                        if name == "euler" {
+                            anyhow::anyhow!(
+                            "--solver euler is deterministic flow: use --solver flow --stochastic"
+                        )
+                        } else {
+                            anyhow::anyhow!(
+                                "--solver {name} is deterministic only: drop --stochastic"
+                            )
+                        }
+                    }
+                    crate::SanaError::Input { name: key, msg } if key == "noise_level" => {
+                        anyhow::anyhow!("--noise-level: {msg}")
+                    }
+                    _ => anyhow::anyhow!("--solver {name}: {e}"),
+                },
+            )?;
+        return Ok(Sampler::Solver(cfg));
+    }
+    Ok(match args.sampler {
         SamplerArg::Dpm => Sampler::Dpm,
         SamplerArg::Euler => Sampler::Euler,
-    }
+    })
+}
+
+/// Per-sample step-noise seeds from `--seed` for a stochastic solver, so that a
+/// seeded run repeats; `None` otherwise (the global generator).
+fn noise_seeds(args: &GenerateArgs, samples: usize) -> Option<Vec<i64>> {
+    let seed = args.seed.filter(|_| args.stochastic)?;
+    Some(
+        (0..samples as i64)
+            .map(|i| seed.wrapping_mul(1_000_003).wrapping_add(i))
+            .collect(),
+    )
 }
 
 fn prompt_options(args: &GenerateArgs, mut opts: PromptOptions) -> PromptOptions {
@@ -289,9 +340,10 @@ pub fn build_video_request(args: &GenerateArgs) -> anyhow::Result<VideoGenerateR
         width: args.width.unwrap_or(d.width),
         frames: args.frames.unwrap_or(d.frames),
         num_videos_per_prompt: args.num_images,
-        sampler: sampler(args),
+        sampler: sampler(args)?,
         seed: args.seed,
         init_noise: read_init_noise(args)?,
+        noise_seeds: noise_seeds(args, args.prompts.len() * args.num_images),
         use_resolution_binning: !args.no_resolution_binning,
         prompt_options: prompt_options(args, PromptOptions::video()),
         lora_scale: args.lora_scale,
@@ -309,9 +361,10 @@ pub fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         height: args.height.unwrap_or(d.height),
         width: args.width.unwrap_or(d.width),
         num_images_per_prompt: args.num_images,
-        sampler: sampler(args),
+        sampler: sampler(args)?,
         seed: args.seed,
         init_noise: read_init_noise(args)?,
+        noise_seeds: noise_seeds(args, args.prompts.len() * args.num_images),
         use_resolution_binning: !args.no_resolution_binning,
         prompt_options: prompt_options(args, PromptOptions::default()),
         lora_scale: args.lora_scale,
@@ -330,9 +383,7 @@ mod tests {
     /// `sana generate --lora DIR --lora-scale S` against diffusers' `SanaPipeline` with
     /// the same adapter loaded (scripts/parity/lora.py, case `lora_pipeline`).
     fn check(case: &str) {
-        let Some(dir) = parity_case("lora_pipeline") else {
-            return;
-        };
+        let dir = parity_case("lora_pipeline");
         let cases: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
                 .unwrap();
@@ -426,9 +477,7 @@ mod tests {
     /// quantised to 8 bits; an `.mp4` holds every frame at the asked fps.
     #[test]
     fn video_generate_writes_png_frames_and_mp4() {
-        let Some(dir) = parity_case("pipeline_sana_video") else {
-            return;
-        };
+        let dir = parity_case("pipeline_sana_video");
         let reference = load_named(&dir.join("dpm_cfg.safetensors"));
         let tmp = tempfile::tempdir().unwrap();
         let noise = tmp.path().join("noise.safetensors");
@@ -507,7 +556,8 @@ mod tests {
         }
 
         // --frames on an image pipeline is refused.
-        if let Some(img) = parity_case("pipeline_sana") {
+        {
+            let img = parity_case("pipeline_sana");
             let Command::Generate(args) = Cli::try_parse_from([
                 "sana",
                 "generate",
@@ -544,5 +594,48 @@ mod tests {
         .to_string();
         assert!(err.contains("--lora"), "{err}");
         Cli::try_parse_from(["sana", "generate", "--model", "m", "--prompt", "p"]).unwrap();
+    }
+
+    /// `--solver` picks a DiffusionNFT solver; refusals speak in flags.
+    #[test]
+    fn solver_flags() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["sana", "generate", "--model", "m", "--prompt", "p"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Generate(a)) => sampler(&a).map_err(|e| e.to_string()),
+                Ok(_) => panic!("not generate"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let cfg = |kind, deterministic, eta| {
+            Ok(Sampler::Solver(SolverConfig {
+                kind,
+                deterministic,
+                eta,
+            }))
+        };
+        use crate::schedulers::solver::SolverKind;
+        assert_eq!(
+            parse(&["--solver", "dpm2"]),
+            cfg(SolverKind::Dpm2, true, 1.0)
+        );
+        assert_eq!(
+            parse(&["--solver", "flow", "--stochastic", "--noise-level", "0.7"]),
+            cfg(SolverKind::Flow, false, 0.7)
+        );
+        assert_eq!(
+            parse(&["--solver", "euler"]),
+            cfg(SolverKind::Flow, true, 1.0)
+        );
+        let err = parse(&["--solver", "dpm2", "--stochastic"]).unwrap_err();
+        assert!(err.contains("drop --stochastic"), "{err}");
+        let err = parse(&["--solver", "euler", "--stochastic"]).unwrap_err();
+        assert!(err.contains("--solver flow --stochastic"), "{err}");
+        let err = parse(&["--solver", "heun"]).unwrap_err();
+        assert!(err.contains("flow, dance, ddim, dpm1, dpm2"), "{err}");
+        // --solver replaces --sampler; --noise-level needs --stochastic.
+        assert!(parse(&["--solver", "flow", "--sampler", "euler"]).is_err());
+        assert!(parse(&["--solver", "flow", "--noise-level", "0.5"]).is_err());
     }
 }

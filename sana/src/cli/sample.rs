@@ -160,6 +160,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
             }),
             guidance_scale: args.guidance_scale,
             num_inference_steps: args.steps,
+            solver: None,
+            step_noise: Default::default(),
         },
         |i, _| bar.set_position(i as u64),
     )?;

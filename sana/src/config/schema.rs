@@ -1,13 +1,14 @@
 //! The sections and keys of a Cosmos-RL run config that SANA runs use, with
 //! Cosmos-RL 0.4.7's defaults. Keys Cosmos-RL defines for its LLM paths (vLLM,
-//! tokenizers, …) are accepted as `Inert` so the presets load without noise;
-//! they have no effect here.
+//! tokenizers, …) are accepted as `Inert` so the presets load; they have no
+//! effect here. Every field, typed or `Inert`, has its decision (acts, or why
+//! not) in `support.rs`, whose test fails on a field added without one.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A value accepted for compatibility and not used.
+/// A value accepted for compatibility and not used (named when set: `support.rs`).
 pub type Inert = Option<toml::Value>;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -202,7 +203,8 @@ pub struct SampleSection {
     pub global_std: bool,
     pub noise_level: f64,
     pub deterministic_sampling: bool,
-    /// "euler" (flow-matching Euler) or "dpm"/"dpm2" (the pipeline's DPM-Solver++).
+    /// DiffusionNFT's rollout solver: flow, dance, ddim, dpm1, dpm2, or euler
+    /// (deterministic flow); see `schedulers::solver`.
     pub solver: String,
 }
 
@@ -936,6 +938,39 @@ impl RunConfig {
             }
             if self.rollout.n_generation == 0 {
                 return err("rollout.n_generation", "must be at least 1".into());
+            }
+            if self.rollout.n_generation_mini_batch == Some(0) {
+                return err(
+                    "rollout.n_generation_mini_batch",
+                    "must be at least 1 (samples per sampling call; absent = all at once)".into(),
+                );
+            }
+            // The rollout solver, checked at load so that --dry-run refuses it too.
+            let sample = &d.sample;
+            let solver = crate::schedulers::solver::SolverConfig::parse(
+                &sample.solver,
+                sample.deterministic_sampling,
+                sample.noise_level,
+            );
+            match solver {
+                Ok(_) => {}
+                Err(crate::SanaError::Input { name, msg }) => {
+                    return err(&format!("policy.diffusers.sample.{name}"), msg)
+                }
+                Err(e) => return err("policy.diffusers.sample.solver", e.to_string()),
+            }
+            // DiffusionNFT trains the conditional velocity alone: rollouts sampled
+            // with CFG would come from another policy than the one trained.
+            if sample.guidance_scale != 1.0 {
+                return err(
+                    "policy.diffusers.sample.guidance_scale",
+                    format!(
+                        "{}: DiffusionNFT trains without classifier-free guidance (its loss uses \
+                         the conditional velocity only), so rollouts sampled with CFG would come \
+                         from another policy than the one trained; set guidance_scale = 1.0",
+                        sample.guidance_scale
+                    ),
+                );
             }
             if tp.dataset.name.is_empty() {
                 return err(

@@ -16,6 +16,9 @@ timestep_fraction = 0.99
 nft_beta = 1.0
 [policy.diffusers.sample]
 num_steps = 10
+guidance_scale = 1.0
+solver = "euler"
+deterministic_sampling = true
 [train]
 seed = 7
 [train.train_policy]
@@ -76,18 +79,61 @@ fn unknown_keys_name_line_and_nearest_key() {
         .iter()
         .find(|k| k.0.ends_with("weigth"))
         .expect("the typo inside an array of tables is reported");
-    assert_eq!(w.1, 27);
+    assert_eq!(w.1, 30);
     assert_eq!(
         w.2,
         Some("train.train_policy.remote_reward.reward_fns[].weight")
     );
+}
 
+/// `strict` refuses the unknown keys all at once: the NFT presets' own typo
+/// must not hide the user's.
+#[test]
+fn strict_names_every_unknown_key_in_one_error() {
+    let line_of = |k: &str| NFT.lines().position(|l| l.starts_with(k)).unwrap() + 1;
     let err = load_text(NFT, true).unwrap_err().to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines[0], "run.toml: 2 unknown keys:", "{err}");
+    let first = format!(
+        "  run.toml:{}: unknown key `policy.diffusers.timestep_fraction`",
+        line_of("timestep_fraction")
+    );
     assert!(
-        err.starts_with("run.toml: key `policy.diffusers.timestep_fraction`")
-            && err.contains("did you mean `policy.diffusers.timesteps_fraction`"),
+        lines[1].starts_with(&first)
+            && lines[1].contains("did you mean `policy.diffusers.timesteps_fraction`"),
         "{err}"
     );
+    let second = format!(
+        "  run.toml:{}: unknown key `train.train_policy.remote_reward.reward_fns",
+        line_of("weigth")
+    );
+    assert!(
+        lines[2].starts_with(&second)
+            && lines[2]
+                .contains("did you mean `train.train_policy.remote_reward.reward_fns[].weight`"),
+        "{err}"
+    );
+    assert_eq!(lines.len(), 3, "{err}");
+
+    // A single one stays a one-line error naming the key.
+    let one = NFT.replace("weigth", "weight");
+    let err = load_text(&one, true).unwrap_err().to_string();
+    assert!(
+        err.starts_with("run.toml: key `policy.diffusers.timestep_fraction`: line ")
+            && err.contains("did you mean `policy.diffusers.timesteps_fraction`")
+            && !err.contains('\n'),
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_set_in_vain_are_listed() {
+    let sft = "[train.train_policy]\ntype = \"sft\"\ndataset.local_dir = \"d\"\n";
+    let l = load_text(sft, false).unwrap();
+    assert!(l.not_supported.is_empty(), "{:?}", l.not_supported);
+    let text = format!("redis = \"12800\"\n{sft}[train.ckpt]\nupload_hf = true\n");
+    let l = load_text(&text, false).unwrap();
+    assert_eq!(l.not_supported, ["redis", "train.ckpt.upload_hf"]);
 }
 
 #[test]
@@ -111,7 +157,7 @@ fn bad_values_fail_naming_file_key_and_fix() {
         (
             NFT.replace("seed = 7", "seed = \"seven\""),
             "key `train.seed`",
-            "line 18",
+            "line 21",
         ),
         (
             NFT.replace("dataset.name = \"pickscore\"", ""),

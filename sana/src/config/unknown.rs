@@ -2,8 +2,6 @@
 
 use std::collections::BTreeSet;
 
-use super::schema::{LoraSection, RemoteReward, RunConfig};
-
 /// A key the schema does not have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownKey {
@@ -29,10 +27,7 @@ impl UnknownKey {
 
 /// Known key paths, array indices written as `[]`.
 fn known_paths() -> BTreeSet<String> {
-    let mut full = RunConfig::default();
-    full.policy.lora = Some(LoraSection::default());
-    full.validation.remote_reward = Some(RemoteReward::default());
-    let v = serde_json::to_value(&full).expect("config serialises");
+    let v = super::support::populated_json();
     let mut out = BTreeSet::new();
     walk(&v, String::new(), &mut out);
     out

@@ -2,8 +2,9 @@
 //! `name.json` (an object with `"prompt"`) beside `name.jpg` (or `.jpeg`,
 //! `.png`), paired by file stem. Images are preprocessed as Cosmos-RL does:
 //! short side resized to the training height (bilinear, antialiased), center
-//! crop to a square, scaled to [-1, 1]. A sample that cannot be read is skipped
-//! and counted, never a crash mid-epoch.
+//! crop to a square, scaled to [-1, 1]. A sample that cannot be read, and an
+//! image without its `name.json`, is skipped and counted (and named in the
+//! log), never a crash mid-epoch.
 
 use std::path::{Path, PathBuf};
 
@@ -22,11 +23,11 @@ pub struct SftSample {
 pub struct ImageFolder {
     pub dir: PathBuf,
     pub samples: Vec<SftSample>,
-    /// JSON files without an image, or without a readable `"prompt"`.
+    /// JSON files without an image or a readable `"prompt"`, and images without a JSON.
     pub unpaired: usize,
 }
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "JPG"];
+const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "JPG", "JPEG", "PNG"];
 
 impl ImageFolder {
     /// Lists the pairs (sorted by name, so every process sees the same order).
@@ -39,9 +40,9 @@ impl ImageFolder {
         };
         let kind = super::MediaKind {
             media_of: &media_of,
-            orphans: &[],
+            orphans: &IMAGE_EXTENSIONS,
             noun: "image",
-            orphan_noun: "image",
+            orphan_noun: "an image",
             layout: "name.jpg/.png",
         };
         let (pairs, unpaired) = super::list_pairs(dir, &kind)?;
@@ -147,13 +148,20 @@ mod tests {
         std::fs::write(p.join("c.json"), r#"{"prompt": "no image"}"#).unwrap();
         std::fs::write(p.join("d.png"), b"not a png").unwrap();
         std::fs::write(p.join("d.json"), r#"{"prompt": "corrupt"}"#).unwrap();
+        write_rgb(&p.join("e.jpg"), 8, 8); // no sidecar
+        write_rgb(&p.join("f.PNG"), 8, 8); // no sidecar
         let f = ImageFolder::open(p).unwrap();
-        assert_eq!((f.len(), f.unpaired), (3, 1));
+        assert_eq!(
+            (f.len(), f.unpaired),
+            (3, 3),
+            "c.json, e.jpg and f.PNG are unpaired"
+        );
         let (batch, prompts, skipped) = load_batch(&f, &[0, 1, 2, 9], 16);
         let batch = batch.unwrap();
         assert_eq!(batch.size(), vec![2, 3, 16, 16]);
         assert_eq!(prompts, vec!["a gradient", "tall"]);
         assert_eq!(skipped, 2, "the corrupt image and the index past the end");
+        assert!(f.samples.iter().all(|s| s.id != "e" && s.id != "f"));
         let (lo, hi) = (batch.min().double_value(&[]), batch.max().double_value(&[]));
         assert!(lo >= -1.0 && hi <= 1.0 && hi > lo);
     }

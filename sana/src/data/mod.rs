@@ -31,7 +31,7 @@ pub(crate) struct MediaKind<'a> {
     pub media_of: &'a dyn Fn(&Path) -> Option<PathBuf>,
     /// Extensions of media files that count as unpaired without a `name.json`.
     pub orphans: &'a [&'a str],
-    /// For messages: "image", "mp4"; what an orphan is ("clip"); the layout.
+    /// For messages: "image", "mp4"; what an orphan is ("a clip"); the layout.
     pub noun: &'a str,
     pub orphan_noun: &'a str,
     pub layout: &'a str,
@@ -53,7 +53,7 @@ pub(crate) fn list_pairs(dir: &Path, kind: &MediaKind<'_>) -> Result<(Vec<Pair>,
     {
         if !m.with_extension("json").exists() {
             unpaired += 1;
-            tracing::warn!(file = %m.display(), "skipping a {} without its name.json sidecar", kind.orphan_noun);
+            tracing::warn!(file = %m.display(), "skipping {} without its name.json sidecar", kind.orphan_noun);
         }
     }
     for j in files.iter().filter(|p| has(p, "json")) {

@@ -36,7 +36,7 @@ impl VideoFolder {
             media_of: &media_of,
             orphans: &["mp4"],
             noun: "mp4",
-            orphan_noun: "clip",
+            orphan_noun: "a clip",
             layout: "name.mp4",
         };
         let (pairs, unpaired) = super::list_pairs(dir, &kind)?;

@@ -36,16 +36,16 @@ struct Case {
 }
 
 impl Case {
-    fn load(name: &str) -> Option<Case> {
-        let dir = parity_case(&format!("lora_{name}"))?;
+    fn load(name: &str) -> Case {
+        let dir = parity_case(&format!("lora_{name}"));
         let json =
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        Some(Case {
+        Case {
             inputs: load_named(&dir.join("inputs.safetensors")),
             outputs: load_named(&dir.join("outputs.safetensors")),
             dir,
             json,
-        })
+        }
     }
 
     fn model(&self) -> SanaTransformer2DModel {
@@ -96,7 +96,7 @@ fn our_modules(model: &SanaTransformer2DModel, adapter: &str) -> BTreeMap<String
 /// The PEFT adapter, the diffusers file with and without metadata, all on one model
 /// at once, each checked against PEFT / diffusers with the others present.
 fn check_parity(name: &str) {
-    let Some(case) = Case::load(name) else { return };
+    let case = Case::load(name);
     let mut model = case.model();
     let fmt = model
         .lora
@@ -198,7 +198,7 @@ fn parity_layers_to_transform_exclude() {
 
 /// `tch::manual_seed(s)` + `add_adapter` draws PEFT's init under `torch.manual_seed(s)`.
 fn check_init(name: &str) {
-    let Some(case) = Case::load(name) else { return };
+    let case = Case::load(name);
     let mut model = case.model();
     let config =
         LoraConfig::from_json_file(&case.dir.join("adapter").join(PEFT_CONFIG_NAME)).unwrap();
@@ -258,7 +258,7 @@ fn metadata_config(path: &Path) -> serde_json::Value {
 /// round-trips through our importer, and the real PEFT and diffusers load it and
 /// give the reference output.
 fn check_export(name: &str) {
-    let Some(case) = Case::load(name) else { return };
+    let case = Case::load(name);
     let mut model = case.model();
     model
         .lora
@@ -315,9 +315,7 @@ fn export_loads_in_peft_and_diffusers_list_patterns() {
 /// and diffusers and gives sana-rl's output.
 #[test]
 fn own_adapter_export_loads_in_peft_and_diffusers() {
-    let Some(case) = Case::load("list_patterns") else {
-        return;
-    };
+    let case = Case::load("list_patterns");
     let mut model = case.model();
     let config =
         LoraConfig::from_json_file(&case.dir.join("adapter").join(PEFT_CONFIG_NAME)).unwrap();
@@ -364,9 +362,7 @@ fn export_loads_in_peft_and_diffusers_layers() {
 /// The parity check must notice one wrong LoRA weight.
 #[test]
 fn parity_fails_when_a_lora_weight_is_perturbed() {
-    let Some(case) = Case::load("list_patterns") else {
-        return;
-    };
+    let case = Case::load("list_patterns");
     let mut model = case.model();
     model
         .lora
@@ -394,9 +390,7 @@ fn parity_fails_when_a_lora_weight_is_perturbed() {
 
 #[test]
 fn merge_matches_unmerged_and_unmerge_restores() {
-    let Some(case) = Case::load("list_patterns") else {
-        return;
-    };
+    let case = Case::load("list_patterns");
     let mut model = case.model();
     let before: HashMap<String, Tensor> = model
         .vs
@@ -839,9 +833,7 @@ fn bad_adapter_files_name_file_and_key() {
 /// A fresh `all-linear` adapter saves the condensed suffix list PEFT saves.
 #[test]
 fn all_linear_export_condenses_targets_as_peft() {
-    let Some(case) = Case::load("all_linear_rslora") else {
-        return;
-    };
+    let case = Case::load("all_linear_rslora");
     let mut model = case.model();
     let theirs = json_file(&case.dir.join("adapter").join(PEFT_CONFIG_NAME));
     let mut config =

@@ -41,6 +41,8 @@ pub struct SampleRequest {
     pub sampler: Sampler,
     /// Initial latents, `[B, ...]` as [`AutoPipeline::latent_shape`] per sample.
     pub init_noise: Tensor,
+    /// One seed per sample for a stochastic solver's step noise.
+    pub noise_seeds: Option<Vec<i64>>,
     pub max_sequence_length: usize,
 }
 
@@ -147,6 +149,7 @@ impl AutoPipeline {
                         sampler: req.sampler,
                         seed: None,
                         init_noise: Some(req.init_noise),
+                        noise_seeds: req.noise_seeds,
                         use_resolution_binning: true,
                         prompt_options,
                         lora_scale: 1.0,
@@ -175,6 +178,7 @@ impl AutoPipeline {
                         sampler: req.sampler,
                         seed: None,
                         init_noise: Some(req.init_noise),
+                        noise_seeds: req.noise_seeds,
                         use_resolution_binning: true,
                         prompt_options,
                         lora_scale: 1.0,

@@ -9,25 +9,96 @@ use tch::{Device, Kind, Tensor};
 use super::text_encoding::{PromptEmbeds, PromptOptions, SanaTextEncoder};
 
 use crate::models::transformers::{DiffusionTransformer, TransformerInputs};
+use crate::schedulers::solver::{SolverConfig, SolverRun};
 use crate::schedulers::{scheduler_from_config_file, FlowMatchEulerDiscreteScheduler, Scheduler};
 use crate::{Result, SanaError};
 
 /// Which sampler drives the loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampler {
     /// The pipeline's own `scheduler/` config (DPM-Solver++ with flow sigmas for SANA).
     Dpm,
     /// `FlowMatchEulerDiscreteScheduler` with `shift` = the scheduler config's `flow_shift`.
     Euler,
+    /// One of DiffusionNFT's rollout solvers (`schedulers::solver`) over the sigma
+    /// schedule of the pipeline's own scheduler, which also gives the timesteps
+    /// the transformer sees.
+    Solver(SolverConfig),
 }
 
 impl Sampler {
     /// A fresh scheduler: `scheduler_config` is the pipeline's `scheduler/scheduler_config.json`.
     pub fn scheduler(self, scheduler_config: &Path, flow_shift: f64) -> Result<Box<dyn Scheduler>> {
         Ok(match self {
-            Sampler::Dpm => scheduler_from_config_file(scheduler_config)?,
+            Sampler::Dpm | Sampler::Solver(_) => scheduler_from_config_file(scheduler_config)?,
             Sampler::Euler => Box::new(FlowMatchEulerDiscreteScheduler::new(flow_shift)),
         })
+    }
+
+    /// The DiffusionNFT solver that replaces the scheduler's step, if any.
+    pub fn solver(self) -> Option<SolverConfig> {
+        match self {
+            Sampler::Solver(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// How a stochastic solver draws each step's noise.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum StepNoise<'a> {
+    /// From libtorch's global generator, in step order (as `torch.randn_like`).
+    #[default]
+    Global,
+    /// Sample `b`'s noise at step `i` from its own seed mixed with `i`: a sample's
+    /// draws do not depend on which other samples share its batch (rollouts).
+    PerSample(&'a [i64]),
+}
+
+impl StepNoise<'_> {
+    /// Standard-normal noise shaped like `like` (fp32) for step `i`.
+    fn draw(&self, i: usize, like: &Tensor) -> Result<Tensor> {
+        match *self {
+            StepNoise::Global => Ok(like.to_kind(Kind::Float).randn_like()),
+            StepNoise::PerSample(seeds) => {
+                let size = like.size();
+                if seeds.len() as i64 != size[0] {
+                    return Err(SanaError::input(
+                        "noise_seeds",
+                        format!("{} seeds for a batch of {}", seeds.len(), size[0]),
+                    ));
+                }
+                let draws: Vec<Tensor> = seeds
+                    .iter()
+                    .map(|&s| {
+                        tch::manual_seed(step_seed(s, i));
+                        Tensor::randn(&size[1..], (Kind::Float, Device::Cpu))
+                    })
+                    .collect();
+                Ok(Tensor::stack(&draws, 0).to_device(like.device()))
+            }
+        }
+    }
+}
+
+/// SplitMix64 of a sample's seed and a step index.
+fn step_seed(seed: i64, step: usize) -> i64 {
+    let mut z = (seed as u64) ^ ((step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// The timestep the transformer sees for a scheduler timestep `t` (`[B]`, 0..1000):
+/// times the model's `timestep_scale`, as diffusers' pipeline feeds it. Sampling
+/// and both trainers go through here, so a SANA-Sprint-style model trains on the
+/// timesteps it samples with.
+pub fn model_timestep(model: &dyn DiffusionTransformer, t: &Tensor) -> Tensor {
+    let scale = model.timestep_scale();
+    if scale == 1.0 {
+        t.shallow_clone()
+    } else {
+        t * scale
     }
 }
 
@@ -59,14 +130,23 @@ pub fn check_request(
     Ok(())
 }
 
+/// How a pipeline call samples: the loop's sampler and, for a stochastic
+/// solver, where its step noise comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling<'a> {
+    pub sampler: Sampler,
+    pub guidance_scale: f64,
+    pub num_inference_steps: usize,
+    pub step_noise: StepNoise<'a>,
+}
+
 /// [`denoise`] conditioned on encoded prompts (the negative ones under CFG).
 pub fn denoise_prompts(
     model: &dyn DiffusionTransformer,
     scheduler: &mut dyn Scheduler,
     latents: Tensor,
     (negative, positive): (Option<&PromptEmbeds>, &PromptEmbeds),
-    guidance_scale: f64,
-    num_inference_steps: usize,
+    sampling: Sampling<'_>,
     on_step: impl FnMut(usize, usize),
 ) -> Result<Tensor> {
     denoise(
@@ -82,8 +162,10 @@ pub fn denoise_prompts(
                 embeds: &n.embeds,
                 mask: &n.mask,
             }),
-            guidance_scale,
-            num_inference_steps,
+            guidance_scale: sampling.guidance_scale,
+            num_inference_steps: sampling.num_inference_steps,
+            solver: sampling.sampler.solver(),
+            step_noise: sampling.step_noise,
         },
         on_step,
     )
@@ -162,6 +244,11 @@ pub struct DenoiseRequest<'a> {
     pub negative: Option<Conditioning<'a>>,
     pub guidance_scale: f64,
     pub num_inference_steps: usize,
+    /// A DiffusionNFT solver stepping over the scheduler's sigmas instead of
+    /// the scheduler's own step.
+    pub solver: Option<SolverConfig>,
+    /// Where a stochastic solver's step noise comes from.
+    pub step_noise: StepNoise<'a>,
 }
 
 /// Runs the loop; `on_step(i, total)` is called after each step (progress bars).
@@ -193,6 +280,18 @@ pub fn denoise(
     };
     scheduler.set_timesteps(req.num_inference_steps)?;
     let timesteps = scheduler.timesteps().to_vec();
+    // DiffusionNFT's solvers run on `scheduler.sigmas.float()` (fp32 values).
+    let mut solver = req
+        .solver
+        .map(|c| {
+            let sigmas: Vec<f64> = scheduler
+                .sigmas()
+                .iter()
+                .map(|&s| s as f32 as f64)
+                .collect();
+            SolverRun::new(c, &sigmas).map(SolverRun::without_log_prob)
+        })
+        .transpose()?;
     let latent_channels = model.in_channels();
     let mut latents = req.latents.to_kind(Kind::Float);
     let device = latents.device();
@@ -206,10 +305,12 @@ pub fn denoise(
         };
         let b = input.size()[0];
         // diffusers: t.expand(B) * timestep_scale, in the scheduler's timestep dtype (fp32).
-        let timestep = Tensor::from_slice(&[t as f32])
-            .to_device(device)
-            .expand([b], false)
-            * model.timestep_scale();
+        let timestep = model_timestep(
+            model,
+            &Tensor::from_slice(&[t as f32])
+                .to_device(device)
+                .expand([b], false),
+        );
         let pred = tch::no_grad(|| {
             model.forward(&TransformerInputs {
                 hidden_states: &input,
@@ -230,7 +331,17 @@ pub fn denoise(
         if model.out_channels() / 2 == latent_channels {
             pred = pred.chunk(2, 1).swap_remove(0);
         }
-        latents = scheduler.step(&pred, &latents)?;
+        latents = match solver.as_mut() {
+            Some(run) => {
+                let noise = if run.needs_noise() {
+                    Some(req.step_noise.draw(i, &latents)?)
+                } else {
+                    None
+                };
+                run.step(i, &pred, &latents, noise.as_ref())?.prev_sample
+            }
+            None => scheduler.step(&pred, &latents)?,
+        };
         on_step(i + 1, total);
     }
     Ok(latents)

@@ -220,7 +220,7 @@ mod tests {
     use tch::Device;
 
     fn check_sde_case(case: &str) {
-        let Some(dir) = case_dir(case) else { return };
+        let dir = case_dir(case);
         let trace = Trace::load(&dir);
         let steps = trace.steps();
         let mut sched = scheduler_from_config_file(&dir.join("scheduler_config.json")).unwrap();

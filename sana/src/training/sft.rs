@@ -188,9 +188,7 @@ mod parity {
     /// (diffusers' DPM scheduler at 1000 steps; scripts/parity/training.py).
     #[test]
     fn parity_sft_timesteps_and_noising() {
-        let Some(dir) = parity_case("training_sft_noise") else {
-            return;
-        };
+        let dir = parity_case("training_sft_noise");
         let t = load_named(&dir.join("trace.safetensors"));
         let table = SftTimesteps::new(&DPMSolverMultistepConfig::sana(), 3.0).unwrap();
         let idx: Vec<i64> = Vec::try_from(&t["idx"]).unwrap();

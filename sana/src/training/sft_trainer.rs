@@ -21,6 +21,7 @@ use super::sft::{sft_inputs, sft_loss, SftTimesteps, WeightingScheme};
 use super::trainable::{TrainTarget, TrainedParams};
 use crate::models::modeling_utils::SaveOptions;
 use crate::models::transformers::{DiffusionTransformer, TransformerInputs};
+use crate::pipelines::denoise::model_timestep;
 use crate::{Result, SanaError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,10 +207,12 @@ impl SftTrainer {
             let xt = xt.to_kind(model.kind());
             let mask = batch.prompt_attention_mask.narrow(0, at, len);
             let embeds = batch.prompt_embeds.narrow(0, at, len);
+            // The model sees the timestep scaled as in sampling (SANA-Sprint's timestep_scale).
+            let model_t = model_timestep(model, &timestep);
             let inputs = TransformerInputs {
                 hidden_states: &xt,
                 encoder_hidden_states: &embeds,
-                timestep: &timestep,
+                timestep: &model_t,
                 guidance: None,
                 encoder_attention_mask: Some(&mask),
             };
@@ -455,10 +458,46 @@ mod tests {
         (model, batch, trainer, case)
     }
 
-    fn check_case(case_name: &str) {
-        let Some(dir) = parity_case(case_name) else {
-            return;
+    /// The SFT forwards see the sampled timesteps (0..1000) times the model's
+    /// `timestep_scale`, as the sampling loop feeds them: the same seeded step
+    /// with scale 1e-3 shows the model 1e-3 × what it shows with scale 1.
+    #[test]
+    fn training_forwards_see_the_scaled_timestep() {
+        let seen_with = |scale: f64| {
+            let mut spy =
+                crate::testing::TimestepSpy::new(crate::testing::tiny_transformer(3), scale);
+            tch::manual_seed(1);
+            let f = (Kind::Float, Device::Cpu);
+            let batch = SftBatch {
+                latents: Tensor::randn([4, 4, 4, 4], f),
+                prompt_embeds: Tensor::randn([4, 5, 6], f),
+                prompt_attention_mask: Tensor::ones([4, 5], (Kind::Int64, Device::Cpu)),
+            };
+            let cfg = SftTrainerConfig {
+                target: TrainTarget::Full,
+                mini_batch: Some(2),
+                weighting: WeightingScheme::parse("logit_normal", 0.0, 1.0, 1.29).unwrap(),
+                grad_norm_clip: 1.0,
+                ema: None,
+                optimizer: AdamWConfig::default(),
+                schedule: LrSchedule::new(1000, 0.0, false, None, DecayType::None, 0.0, 0.0),
+                seed: 9,
+            };
+            let timesteps = SftTimesteps::new(&DPMSolverMultistepConfig::sana(), 3.0).unwrap();
+            let mut trainer = SftTrainer::new(&mut spy, cfg, timesteps).unwrap();
+            trainer.train_step(&spy, &batch).unwrap();
+            spy.seen_values()
         };
+        let (plain, scaled) = (seen_with(1.0), seen_with(1e-3));
+        assert_eq!(plain.len(), 4);
+        assert!(plain.iter().any(|&t| t > 1.0), "{plain:?}");
+        for (p, s) in plain.iter().zip(&scaled) {
+            assert!((p * 1e-3 - s).abs() < 1e-6, "{p} × 1e-3 vs {s}");
+        }
+    }
+
+    fn check_case(case_name: &str) {
+        let dir = parity_case(case_name);
         let (model, batch, mut trainer, case) = setup(&dir);
         for (k, want) in case["metrics"].as_array().unwrap().iter().enumerate() {
             let m = trainer.train_step(&model, &batch).unwrap();

@@ -1374,8 +1374,8 @@ mod tests {
         outputs: std::collections::HashMap<String, Tensor>,
     }
 
-    fn load_case(case: &str) -> Option<Case> {
-        let dir = parity_case(&format!("dc_ae_{case}"))?;
+    fn load_case(case: &str) -> Case {
+        let dir = parity_case(&format!("dc_ae_{case}"));
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
         let kind = match meta["dtype"].as_str().unwrap() {
@@ -1396,11 +1396,11 @@ mod tests {
                 })
                 .unwrap();
         }
-        Some(Case {
+        Case {
             model,
             inputs: load_named(&dir.join("inputs.safetensors")),
             outputs: load_named(&dir.join("outputs.safetensors")),
-        })
+        }
     }
 
     /// Max abs errors of (encode, decode) against diffusers.
@@ -1420,7 +1420,7 @@ mod tests {
     }
 
     fn check(case: &str, tol: f64) {
-        let Some(c) = load_case(case) else { return };
+        let c = load_case(case);
         let (enc, dec) = errors(&c);
         let scale = |k: &str| c.outputs[k].abs().max().double_value(&[]);
         eprintln!(
@@ -1463,9 +1463,7 @@ mod tests {
     /// shapes and dtypes exactly (allocates the ~1.25 GB of fp32 weights).
     #[test]
     fn full_size_sana_layout_matches_diffusers() {
-        let Some(dir) = parity_case("dc_ae_sana_layout") else {
-            return;
-        };
+        let dir = parity_case("dc_ae_sana_layout");
         let config: AutoencoderDCConfig = modeling_utils::read_config(&dir).unwrap();
         assert_eq!(config, AutoencoderDCConfig::sana());
         let keys: serde_json::Map<String, serde_json::Value> =
@@ -1496,9 +1494,7 @@ mod tests {
     /// Slicing runs batch elements one at a time; the result must not change.
     #[test]
     fn slicing_matches_batched() {
-        let Some(mut c) = load_case("sana") else {
-            return;
-        };
+        let mut c = load_case("sana");
         c.model.enable_slicing();
         let (enc, dec) = errors(&c);
         assert!(
@@ -1525,7 +1521,7 @@ mod tests {
             ),
             ("mix", "decoder.up_blocks.1.1.norm.running_var", &[0][..]),
         ] {
-            let Some(c) = load_case(case) else { return };
+            let c = load_case(case);
             let vars = c.model.vs.variables();
             tch::no_grad(|| {
                 let mut t = vars[name].shallow_clone();

@@ -25,10 +25,15 @@ fn worker_names(run: &std::path::Path) -> Vec<String> {
 
 /// Two policy ranks, each with half of every mini batch, train as one rank
 /// does. Step 1 trains both on the same rollouts: loss and grad norm agree to
-/// fp32 summation order (measured 2e-9 and 9e-8 relative). Later rollouts
-/// come from weights that differ by that rounding, and a JPEG's size moves with
-/// single pixels, so rewards (measured ≤ 2e-4) and through the advantages the
-/// grad norm (≤ 1.1e-2) drift a little further.
+/// fp32 summation order (measured 2e-9 and 9e-8 relative), held to 1e-5.
+/// Later rollouts come from weights that differ by that rounding, and a JPEG's
+/// size moves with single pixels: the loss and the mean reward, smooth in the
+/// weights, stay within 2e-3 (measured ≤ 1e-4 and ≤ 2e-4). The grad norm is
+/// not smooth there: it weighs each sample by its group advantage, which
+/// divides reward differences by a group std of ~3e-4, so one JPEG byte more
+/// or less moves it by percents (measured 0.4% to 8% at step 3, depending on
+/// the CPU's kernels). Later steps hold it only to what a missing or doubled
+/// gradient would break (±25%).
 #[test]
 fn two_policy_ranks_train_what_one_would() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,7 +84,7 @@ fn two_policy_ranks_train_what_one_would() {
             a[0],
             b[0]
         );
-        let later = if key == "grad_norm" { 5e-2 } else { 2e-3 };
+        let later = if key == "grad_norm" { 0.25 } else { 2e-3 };
         for (x, y) in a.iter().zip(&b) {
             assert!(rel(*x, *y) <= later, "{key}: {x} vs {y}");
         }

@@ -502,6 +502,10 @@ impl Plan {
         let _ = writeln!(s, "output     {}", c.train.output_dir);
         if let Some(line) = self.not_supported_line() {
             let _ = writeln!(s, "warning    {line}");
+            for key in &self.not_supported {
+                let why = sana::config::support::why_not(key, c.run_kind());
+                let _ = writeln!(s, "             {key}: {why}");
+            }
         }
         for w in &self.warnings {
             let _ = writeln!(s, "warning    {w}");
@@ -547,6 +551,11 @@ mod tests {
         assert_eq!(
             lines,
             ["warning    parsed, not supported: redis, train.optm_impl, train.compile"],
+            "{shown}"
+        );
+        // Each with why, below it.
+        assert!(
+            shown.contains("             train.compile: ") && shown.contains("redis: "),
             "{shown}"
         );
 

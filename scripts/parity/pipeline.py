@@ -105,6 +105,13 @@ def build_pipeline(out: pathlib.Path, seed: int, mid: bool = False) -> SanaPipel
     return SanaPipeline.from_pretrained(out / "pipeline")
 
 
+def fresh_scheduler(sampler, dpm_config):
+    """The pipeline's own DPM-Solver++ (`dpm`) or flow-matching Euler with its shift."""
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(dpm_config)
+    return FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
+
+
 def per_prompt_reference(run, prompts, n, noise, media_key="images"):
     """The reference outputs of one case: `run(prompts, noise, output_type)` calls the
     diffusers pipeline. With one prompt, or one sample per prompt, diffusers' batched
@@ -141,10 +148,7 @@ def write_pipeline_cases(out_dir: pathlib.Path) -> None:
         noise = torch.randn(len(prompts) * n, c, HEIGHT // f, WIDTH // f, generator=torch.Generator().manual_seed(i))
 
         def run(prompt, latents, output_type):
-            if case["sampler"] == "dpm":
-                pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
-            else:
-                pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
+            pipe.scheduler = fresh_scheduler(case["sampler"], dpm_config)
             with torch.no_grad():
                 return pipe(
                     prompt=prompt, negative_prompt="", num_inference_steps=case["steps"],

@@ -151,7 +151,6 @@ def build_video_pipeline(out: pathlib.Path, seed: int):
 def write_video_pipeline_cases(out_dir: pathlib.Path) -> None:
     """OUT/pipeline_sana_video/{pipeline/, <case>.safetensors (noise, latents, videos [B,3,T,H,W]
     in [0,1] before 8-bit quantisation), cases.json}."""
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     out = out_dir / "pipeline_sana_video"
     out.mkdir(parents=True, exist_ok=True)
@@ -170,10 +169,7 @@ def write_video_pipeline_cases(out_dir: pathlib.Path) -> None:
                             generator=torch.Generator().manual_seed(i))
 
         def run(prompt, latents, output_type):
-            if case["sampler"] == "dpm":
-                pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm_config)
-            else:
-                pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=dpm_config.flow_shift)
+            pipe.scheduler = image_pipeline.fresh_scheduler(case["sampler"], dpm_config)
             with torch.no_grad():
                 frames = pipe(
                     prompt=prompt, negative_prompt="", num_inference_steps=case["steps"],

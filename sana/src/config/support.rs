@@ -369,6 +369,16 @@ pub fn support_of(key: &str) -> Option<Support> {
     TABLE.iter().find(|(k, _)| *k == key).map(|(_, s)| *s)
 }
 
+/// Why a key that [`not_supported`] listed does nothing in a `kind` run.
+pub fn why_not(key: &str, kind: RunKind) -> String {
+    if key == "policy.diffusers.sample.noise_level" {
+        return "the eta of stochastic sampling; a deterministic solver runs with 0".into();
+    }
+    support_of(key)
+        .and_then(|s| s.reason(kind))
+        .unwrap_or_else(|| "not read by this run".into())
+}
+
 /// A config with every optional section present, so that serialising it
 /// shows every key the schema accepts.
 pub(crate) fn populated_json() -> Value {

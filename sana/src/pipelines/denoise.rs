@@ -346,3 +346,47 @@ pub fn denoise(
     }
     Ok(latents)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampling loop feeds the transformer the scheduler's timestep times
+    /// the model's `timestep_scale`, as diffusers does (and as training now does).
+    #[test]
+    fn sampling_feeds_the_scaled_timestep() {
+        let spy = crate::testing::TimestepSpy::new(crate::testing::tiny_transformer(2), 0.25);
+        let mut scheduler = crate::schedulers::FlowMatchEulerDiscreteScheduler::new(3.0);
+        let embeds = crate::testing::seeded_randn(&[2, 5, 6], 1);
+        let mask = Tensor::ones([2, 5], (Kind::Int64, Device::Cpu));
+        let _latents = denoise(
+            &spy,
+            &mut scheduler,
+            DenoiseRequest {
+                latents: crate::testing::seeded_randn(&[2, 4, 4, 4], 2),
+                prompt: Conditioning {
+                    embeds: &embeds,
+                    mask: &mask,
+                },
+                negative: None,
+                guidance_scale: 1.0,
+                num_inference_steps: 3,
+                solver: None,
+                step_noise: Default::default(),
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        let timesteps = scheduler.timesteps().to_vec();
+        let seen = spy.seen_values();
+        assert_eq!(seen.len(), 3 * 2);
+        for (k, t) in seen.iter().enumerate() {
+            let want = timesteps[k / 2] as f32 as f64 * 0.25;
+            assert!(
+                (t - want).abs() < 1e-3,
+                "step {}: saw {t}, want {want}",
+                k / 2
+            );
+        }
+    }
+}

@@ -353,68 +353,6 @@ mod tests {
         }
     }
 
-    /// Several prompts of very different lengths, two videos each, together
-    /// equal each prompt alone from the same noise (CFG on and off).
-    fn batched_equals_alone(guidance_scale: f64, sampler: Sampler) -> f64 {
-        let dir = parity_case("pipeline_sana_video");
-        let pipe =
-            SanaVideoPipeline::from_pretrained(&dir.join("pipeline"), Device::Cpu, Kind::Float)
-                .unwrap();
-        let prompts = crate::testing::unequal_prompts();
-        let n = 2usize;
-        let (ft, f) = pipe.vae_scale_factors();
-        let c = pipe.transformer.config.in_channels;
-        let frames = 5;
-        let shape = [
-            (prompts.len() * n) as i64,
-            c,
-            (frames - 1) / ft + 1,
-            64 / f,
-            96 / f,
-        ];
-        let noise = crate::testing::seeded_randn(&shape, 78);
-        let req = |prompts: Vec<String>, noise: Tensor| VideoGenerateRequest {
-            prompts,
-            num_inference_steps: 3,
-            guidance_scale,
-            height: 64,
-            width: 96,
-            frames,
-            num_videos_per_prompt: n,
-            sampler,
-            init_noise: Some(noise),
-            use_resolution_binning: false,
-            ..Default::default()
-        };
-        let together = pipe
-            .generate(&req(prompts.clone(), noise.shallow_clone()), |_, _| {})
-            .unwrap();
-        let mut worst = 0.0f64;
-        for (j, p) in prompts.iter().enumerate() {
-            let part = noise.narrow(0, (j * n) as i64, n as i64);
-            let alone = pipe
-                .generate(&req(vec![p.clone()], part), |_, _| {})
-                .unwrap();
-            let mine = together.latents.narrow(0, (j * n) as i64, n as i64);
-            worst = worst.max(max_abs_diff(&mine, &alone.latents));
-        }
-        eprintln!(
-            "video, guidance {guidance_scale}, {sampler:?}: 2 prompts × {n} together vs each \
-             alone, latents max abs diff {worst:.3e}"
-        );
-        worst
-    }
-
-    #[test]
-    fn several_prompts_together_equal_each_alone_with_cfg() {
-        assert!(batched_equals_alone(6.0, Sampler::Dpm) <= 1e-4);
-    }
-
-    #[test]
-    fn several_prompts_together_equal_each_alone_without_cfg() {
-        assert!(batched_equals_alone(1.0, Sampler::Euler) <= 1e-4);
-    }
-
     #[test]
     fn parity_video_dpm_cfg() {
         check("dpm_cfg");

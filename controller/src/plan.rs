@@ -260,9 +260,7 @@ impl Plan {
                 }
                 Err(e) => warnings.push(e.to_string()),
             }
-            if c.validation.enable {
-                warnings.push("SFT validation (sampling the validation prompts) is not run yet: validation is skipped".into());
-            }
+            // validation.* in an SFT run: named (once) on the "parsed, not supported" line.
         }
         if total_steps == u64::MAX {
             total_steps = 0;
@@ -298,15 +296,7 @@ impl Plan {
         if let Err(e) = &model_dir {
             warnings.push(e.clone());
         }
-        if c.logging
-            .logger
-            .iter()
-            .any(|l| l.eq_ignore_ascii_case("wandb"))
-        {
-            warnings.push(
-                "logging.logger has \"wandb\": sana-rl has no wandb client; metrics go to <run>/metrics.jsonl and images to <run>/mm_data/".into(),
-            );
-        }
+        // logging.logger = ["wandb"]: named (once) on the "parsed, not supported" line.
         Ok(Self {
             kind,
             config_path: config_path.to_path_buf(),

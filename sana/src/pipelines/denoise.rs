@@ -55,7 +55,12 @@ pub enum StepNoise<'a> {
     PerSample(&'a [i64]),
 }
 
-impl StepNoise<'_> {
+impl<'a> StepNoise<'a> {
+    /// Per-sample seeds when a request carries them, else the global generator.
+    pub fn from_seeds(seeds: Option<&'a [i64]>) -> Self {
+        seeds.map_or(StepNoise::Global, StepNoise::PerSample)
+    }
+
     /// Standard-normal noise shaped like `like` (fp32) for step `i`.
     fn draw(&self, i: usize, like: &Tensor) -> Result<Tensor> {
         match *self {

@@ -240,10 +240,7 @@ impl SanaVideoPipeline {
                 sampler: req.sampler,
                 guidance_scale: req.guidance_scale,
                 num_inference_steps: req.num_inference_steps,
-                step_noise: req
-                    .noise_seeds
-                    .as_deref()
-                    .map_or(StepNoise::Global, StepNoise::PerSample),
+                step_noise: StepNoise::from_seeds(req.noise_seeds.as_deref()),
             },
             on_step,
         )?;

@@ -47,6 +47,8 @@ struct State {
     pipeline: AutoPipeline,
     /// The "old" adapter version loaded (none before the first push).
     version: Option<u64>,
+    /// The rollout solver the config names (checked when the config loaded).
+    solver: SolverConfig,
 }
 
 pub struct RolloutService {
@@ -98,9 +100,13 @@ fn build_state(setup: &WorkerSetup) -> anyhow::Result<State> {
         l.add_adapter(ROLLOUT_ADAPTER, &lora_config(lora)?)?;
         l.set_active(ROLLOUT_ADAPTER)?;
     }
+    let s = &c.policy.diffusers.sample;
+    let solver = SolverConfig::parse(&s.solver, s.deterministic_sampling, s.noise_level)
+        .context("policy.diffusers.sample")?;
     Ok(State {
         pipeline,
         version: None,
+        solver,
     })
 }
 
@@ -186,12 +192,6 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
     } else {
         d.sample.num_steps
     };
-    let solver = SolverConfig::parse(
-        &d.sample.solver,
-        d.sample.deterministic_sampling,
-        d.sample.noise_level,
-    )
-    .map_err(|e| Status::invalid_argument(format!("policy.diffusers.sample: {e}")))?;
     let calls = sampling_calls(b.prompts.len(), g, c.rollout.n_generation_mini_batch);
     let mut parts = Vec::new();
     let mut start = 0usize;
@@ -213,7 +213,7 @@ fn sample(setup: &WorkerSetup, s: &mut State, b: &PromptBatch) -> Result<Sampled
                 height: h,
                 width: w,
                 frames,
-                sampler: Sampler::Solver(solver),
+                sampler: Sampler::Solver(s.solver),
                 init_noise: Tensor::stack(&noise[start..start + n], 0),
                 noise_seeds: Some(seeds[start..start + n].to_vec()),
                 max_sequence_length: d.max_prompt_length,

@@ -85,6 +85,25 @@ pub fn assert_close(what: &str, got: f64, want: f64, rtol: f64, atol: f64) {
     );
 }
 
+/// For a pipeline reference with several prompts × several samples (made per
+/// prompt, see scripts/parity/pipeline.py): prints how far diffusers' own
+/// batched call, with its tiled caption mask, departs from it, and fails when
+/// it does not (the prompts' masks would then be equal and the case would test
+/// nothing).
+pub fn check_departure_from_batched(
+    what: &str,
+    reference: &std::collections::HashMap<String, Tensor>,
+) {
+    if let Some(batched) = reference.get("latents_diffusers_batched") {
+        let departure = max_abs_diff(batched, &reference["latents"]);
+        eprintln!("{what}: diffusers' batched call departs by {departure:.3e}");
+        assert!(
+            departure > 1e-2,
+            "{what}: the prompts' caption masks do not differ"
+        );
+    }
+}
+
 /// Tensors of a safetensors file by name.
 pub fn load_named(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     Tensor::read_safetensors(path)

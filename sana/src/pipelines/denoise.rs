@@ -285,17 +285,11 @@ pub fn denoise(
     };
     scheduler.set_timesteps(req.num_inference_steps)?;
     let timesteps = scheduler.timesteps().to_vec();
-    // DiffusionNFT's solvers run on `scheduler.sigmas.float()` (fp32 values).
+    // Over the scheduler's sigmas (SolverRun rounds them to fp32, as
+    // DiffusionNFT receives `scheduler.sigmas.float()`).
     let mut solver = req
         .solver
-        .map(|c| {
-            let sigmas: Vec<f64> = scheduler
-                .sigmas()
-                .iter()
-                .map(|&s| s as f32 as f64)
-                .collect();
-            SolverRun::new(c, &sigmas).map(SolverRun::without_log_prob)
-        })
+        .map(|c| SolverRun::new(c, scheduler.sigmas()).map(SolverRun::without_log_prob))
         .transpose()?;
     let latent_channels = model.in_channels();
     let mut latents = req.latents.to_kind(Kind::Float);

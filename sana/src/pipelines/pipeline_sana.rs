@@ -347,17 +347,7 @@ mod tests {
             img_err <= 1e-3,
             "{case}: image max abs error {img_err:e} > 1e-3"
         );
-        // Several prompts × several images: the reference is each prompt alone;
-        // diffusers' own batched call (tiled caption mask) departs from it.
-        if let Some(batched) = reference.get("latents_diffusers_batched") {
-            let departure = max_abs_diff(batched, &reference["latents"]);
-            eprintln!("pipeline {case}: diffusers' batched call departs by {departure:.3e}");
-            // Else the prompts' masks were equal and the case would test nothing.
-            assert!(
-                departure > 1e-2,
-                "{case}: the prompts' caption masks do not differ"
-            );
-        }
+        crate::testing::check_departure_from_batched(&format!("pipeline {case}"), &reference);
     }
 
     #[test]

@@ -337,17 +337,7 @@ mod tests {
             vid_err <= 1e-3,
             "{case}: frames max abs error {vid_err:e} > 1e-3"
         );
-        // Several prompts × several videos: the reference is each prompt alone;
-        // diffusers' own batched call (tiled caption mask) departs from it.
-        if let Some(batched) = reference.get("latents_diffusers_batched") {
-            let departure = max_abs_diff(batched, &reference["latents"]);
-            eprintln!("video pipeline {case}: diffusers' batched call departs by {departure:.3e}");
-            // Else the prompts' masks were equal and the case would test nothing.
-            assert!(
-                departure > 1e-2,
-                "{case}: the prompts' caption masks do not differ"
-            );
-        }
+        crate::testing::check_departure_from_batched(&format!("video pipeline {case}"), &reference);
     }
 
     #[test]

@@ -64,16 +64,7 @@ fn prepare(
     super::check_step_inputs(model_output, sample)?;
     for (name, t) in [("prev_sample", prev_sample), ("noise", noise)] {
         if let Some(t) = t {
-            if t.size() != sample.size() {
-                return Err(SanaError::input(
-                    name,
-                    format!(
-                        "shape {:?} differs from the sample's {:?}",
-                        t.size(),
-                        sample.size()
-                    ),
-                ));
-            }
+            super::check_same_shape(name, t, sample)?;
         }
     }
     if prev_sample.is_some() && noise.is_some() {

@@ -76,18 +76,24 @@ pub fn scheduler_from_config_file(path: &Path) -> Result<Box<dyn Scheduler>> {
     }
 }
 
-/// The checks every `step` makes: same shape, floating point, same device.
-pub(crate) fn check_step_inputs(model_output: &tch::Tensor, sample: &tch::Tensor) -> Result<()> {
-    if model_output.size() != sample.size() {
+/// `t` (named `name` in the error) has the sample's shape.
+pub(crate) fn check_same_shape(name: &str, t: &tch::Tensor, sample: &tch::Tensor) -> Result<()> {
+    if t.size() != sample.size() {
         return Err(SanaError::input(
-            "model_output",
+            name,
             format!(
                 "shape {:?} differs from the sample's {:?}",
-                model_output.size(),
+                t.size(),
                 sample.size()
             ),
         ));
     }
+    Ok(())
+}
+
+/// The checks every `step` makes: same shape, floating point, same device.
+pub(crate) fn check_step_inputs(model_output: &tch::Tensor, sample: &tch::Tensor) -> Result<()> {
+    check_same_shape("model_output", model_output, sample)?;
     for (name, t) in [("model_output", model_output), ("sample", sample)] {
         if !t.is_floating_point() {
             return Err(SanaError::input(

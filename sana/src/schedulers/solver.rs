@@ -249,16 +249,7 @@ impl SolverRun {
         }
         super::check_step_inputs(model_output, sample)?;
         if let Some(n) = noise {
-            if n.size() != sample.size() {
-                return Err(SanaError::input(
-                    "noise",
-                    format!(
-                        "shape {:?} differs from the sample's {:?}",
-                        n.size(),
-                        sample.size()
-                    ),
-                ));
-            }
+            super::check_same_shape("noise", n, sample)?;
         }
         // run_sampling: `pred.float()`, `z.float()`.
         let v = model_output.to_kind(Kind::Float);
